@@ -1,0 +1,120 @@
+"""What the store holds, gathered into the plain records ``layerfs.inspect`` renders.
+
+Reads image configs (history, created) from the content store and layer rows from the
+metadata; computes per-layer changes and image-to-image tree diffs with
+``layerfs.changes``. Read-only: nothing here changes the store.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from . import changes
+from .digest import Digest
+from .inspect import DfRow, ImageInfo, LayerInfo
+from .store import Image, Store
+from .union.view import LayerStack
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.strip().replace("Z", "+00:00")
+    # Go writes up to nanoseconds; Python takes microseconds
+    if "." in text:
+        head, _, rest = text.partition(".")
+        frac = "".join(ch for ch in rest if ch.isdigit())
+        tz = rest[len(frac):]
+        text = f"{head}.{frac[:6]}{tz}"
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def read_config(store: Store, img: Image) -> dict[str, Any]:
+    data = json.loads(store.content.read(img.config_digest))
+    return data if isinstance(data, dict) else {}
+
+
+def image_info(store: Store, img: Image) -> ImageInfo:
+    config = read_config(store, img)
+    history = [h for h in config.get("history", []) or [] if isinstance(h, dict) and not h.get("empty_layer")]
+    chain = list(reversed(store.chain(img.top_chain_id))) if img.top_chain_id else []
+    layers = []
+    for i, snap in enumerate(chain):
+        h = history[i] if i < len(history) and len(history) == len(chain) else {}
+        layers.append(LayerInfo(
+            chain_id=snap.key,
+            diff_id=snap.diff_id or "",
+            parent=chain[i - 1].key if i else None,
+            size=snap.size,
+            created_by=str(h.get("created_by", "")),
+            created=parse_time(h.get("created")),
+            comment=str(h.get("comment", "")),
+        ))
+    return ImageInfo(name=img.name, image_id=img.config_digest, created=parse_time(config.get("created")),
+                     layers=tuple(layers), manifest_digest=img.manifest_digest)
+
+
+def all_images(store: Store) -> list[ImageInfo]:
+    return [image_info(store, img) for img in store.list_images()]
+
+
+def layer_diffs(store: Store, img: Image) -> list[tuple[LayerInfo, list[tuple[str, str]]]]:
+    """Per layer (bottom first): what it adds, changes and deletes against the layers below."""
+    info = image_info(store, img)
+    dirs = list(reversed(store.layer_dirs(img.top_chain_id)))  # bottom first
+    out = []
+    for i, layer in enumerate(info.layers):
+        lowers = list(reversed(dirs[:i]))  # top first
+        out.append((layer, [(c.kind, c.path) for c in changes.layer_changes(dirs[i], lowers)]))
+    return out
+
+
+def image_tree_diff(store: Store, a: Image, b: Image) -> list[tuple[str, str]]:
+    sa = LayerStack(store.layer_dirs(a.top_chain_id))
+    sb = LayerStack(store.layer_dirs(b.top_chain_id))
+    return [(c.kind, c.path) for c in changes.tree_diff(sa, sb)]
+
+
+def df_rows(store: Store) -> list[DfRow]:
+    images = store.list_images()
+    snaps = store.list_snapshots()
+    used: set[str] = set()
+    for img in images:
+        if img.top_chain_id:
+            used.update(s.key for s in store.chain(img.top_chain_id))
+    layers = [s for s in snaps if s.kind == "committed"]
+    unused_layers = [s for s in layers if s.key not in used]
+    containers = [s for s in snaps if s.kind != "committed"]
+    blob_rows = store.meta.db.execute(
+        "SELECT digest, size, digest IN (SELECT digest FROM image_blobs) AS used FROM blobs").fetchall()
+    image_size = sum(s.size for s in layers if s.key in used)
+    distinct_images = {img.config_digest for img in images}
+    return [
+        DfRow("Images", len(distinct_images), len(distinct_images), image_size, 0),
+        DfRow("Layers", len(layers), len(layers) - len(unused_layers), sum(s.size for s in layers),
+              sum(s.size for s in unused_layers)),
+        DfRow("Containers", len(containers), len(containers), sum(s.size for s in containers), 0),
+        DfRow("Blobs", len(blob_rows), sum(1 for r in blob_rows if r["used"]), sum(r["size"] for r in blob_rows),
+              sum(r["size"] for r in blob_rows if not r["used"])),
+    ]
+
+
+def resolve_image(store: Store, ref: str) -> Image:
+    """An image by name, by (a prefix of) its image id, or by full config digest."""
+    from .images import normalize_ref
+
+    img = store.find_image(ref)
+    if img is not None:
+        return img
+    candidates = []
+    probe = ref.removeprefix("sha256:")
+    if 4 <= len(probe) <= 64 and all(c in "0123456789abcdef" for c in probe):
+        candidates = [i for i in store.list_images() if Digest(i.config_digest).hex.startswith(probe)]
+        if len({c.config_digest for c in candidates}) == 1:
+            return candidates[0]
+    return store.get_image(normalize_ref(ref))

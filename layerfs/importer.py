@@ -1,0 +1,297 @@
+"""Importing images and bare layer tars into the store, the way containerd's unpacker does.
+
+Per layer: stream the blob once through a tee into the content store (``tmp/ingest-*``),
+decompress it (bounded), hash the uncompressed stream (the diffID) and apply it into a fresh
+``tmp/new-*/fs`` directory; then verify blob size, blob digest and diffID. Only when every
+layer of the image verified are the layers, blobs and names recorded — in one transaction
+(``Store.commit_image``). A layer whose ChainID is already in the store is not unpacked again.
+On any error the staged directories and temp files are removed: nothing of the image is
+committed, and what was committed before is untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import os
+import platform as _platform
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import archive, compression, failpoint, images
+from .digest import Digest, VerifyingReader, chain_ids
+from .errors import DigestMismatch, InvalidImage, UsageError
+from .progress import Progress
+from .store import BlobRecord, StagedLayer, Store
+
+MEDIA_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+_LAYER_MEDIA = {"plain": MEDIA_OCI_LAYER, "gzip": MEDIA_OCI_LAYER + "+gzip", "zstd": MEDIA_OCI_LAYER + "+zstd"}
+
+
+@dataclass
+class ImportResult:
+    names: list[str]
+    manifest_digest: Digest
+    config_digest: Digest
+    top_chain_id: Digest | None
+    new_layers: list[Digest] = field(default_factory=list)
+    reused_layers: list[Digest] = field(default_factory=list)
+
+
+class _Staging:
+    """Everything one image import has put under tmp/, removed on failure or after commit."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.layers: list[StagedLayer] = []
+        self.blobs: list[BlobRecord] = []
+
+    def cleanup(self) -> None:
+        for layer in self.layers:
+            shutil.rmtree(layer.staging, ignore_errors=True)
+
+
+def _apply_blob(
+    store: Store,
+    opener: Any,
+    what: str,
+    digest: Digest | None,
+    size: int | None,
+    diff_id: Digest | None,
+    lowers: Sequence[str],
+    limits: compression.Limits,
+    progress: Progress,
+    apply: bool,
+) -> tuple[BlobRecord, Digest, str | None, archive.ApplyStats | None]:
+    """Ingest one layer blob; if ``apply``, unpack it into a new staging dir.
+
+    Returns the blob record, the verified diffID, the staging dir (or None) and apply stats.
+    """
+    staging = store.new_staging() if apply else None
+    try:
+        with opener() as raw:
+            bar = progress.bar(f"Copying blob {digest.short()}" if digest else f"Copying {what}", size)
+            with store.content.ingest(bar.wrap(raw), what, digest, size) as ing:
+                head = _Peek(ing)
+                kind = compression.detect(head.peek(8))
+                plain = compression.open_decompressed(head, what, limits)
+                tar_reader = VerifyingReader(plain, f"{what} (uncompressed)", diff_id)
+                stats = None
+                if staging is not None:
+                    stats = archive.apply_layer(
+                        tar_reader, os.path.join(staging, "fs"), lowers=lowers, fmt=store.fmt, what=what
+                    )
+                    failpoint.hit("import.layer-applied")
+                tar_reader.drain()
+                got_diff = tar_reader.verify()
+                blob_digest, blob_size = ing.commit()
+                failpoint.hit("import.blob-committed")
+            bar.finish()
+        media = _LAYER_MEDIA[kind]
+        return BlobRecord(blob_digest, blob_size, media, got_diff), got_diff, staging, stats
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+class _Peek:
+    """Lets compression detection look at a stream's first bytes without losing them."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.buf = b""
+
+    def peek(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            more = self.raw.read(n - len(self.buf))
+            if not more:
+                break
+            self.buf += more
+        return self.buf[:n]
+
+    def read(self, n: int = -1) -> bytes:
+        if self.buf:
+            if n is None or n < 0:
+                data, self.buf = self.buf + self.raw.read(), b""
+                return data
+            data, self.buf = self.buf[:n], self.buf[n:]
+            return data
+        return self.raw.read(n)
+
+    def readable(self) -> bool:
+        return True
+
+
+def import_resolved(
+    store: Store,
+    img: images.ResolvedImage,
+    names: Sequence[str],
+    *,
+    progress: Progress | None = None,
+    limits: compression.Limits | None = None,
+) -> ImportResult:
+    """Import one resolved image (manifest + config + layers) under ``names``."""
+    progress = progress or Progress(enabled=False)
+    limits = limits or compression.Limits.from_env()
+    diff_ids = list(img.diff_ids)
+    if len(diff_ids) != len(img.layers):
+        raise InvalidImage(
+            f"image config lists {len(diff_ids)} diffIDs but the manifest has {len(img.layers)} layers"
+        )
+    chains = chain_ids(diff_ids)
+    staging = _Staging(store)
+    result_new: list[Digest] = []
+    reused: list[Digest] = []
+    with store.shared_lock():
+        try:
+            layer_records: list[tuple[Digest, int, str]] = []
+            dirs_below: list[str] = []  # fs dirs of the layers below the current one, top first
+            for i, layer in enumerate(img.layers):
+                what = f"layer {i + 1}/{len(img.layers)} ({layer.digest or diff_ids[i]})"
+                chain = chains[i]
+                present = store.get_snapshot(chain)
+                if present is not None and layer.digest is not None and store.has_blob(layer.digest):
+                    rec = store.blob(layer.digest)
+                    assert rec is not None
+                    if rec.diff_id is not None and rec.diff_id != diff_ids[i]:
+                        raise DigestMismatch(
+                            f"{what}: blob {layer.digest} is stored with diffID {rec.diff_id}, "
+                            f"but the image config says {diff_ids[i]}"
+                        )
+                    reused.append(chain)
+                    layer_records.append((rec.digest, rec.size, layer.media_type or rec.media_type))
+                    staging.blobs.append(rec)
+                    dirs_below.insert(0, store.fs_dir(present.id))
+                    progress.line(f"Layer {chain.short()} already present")
+                    continue
+                rec, got_diff, new_dir, stats = _apply_blob(
+                    store, layer.open, what, layer.digest, layer.size, diff_ids[i], dirs_below,
+                    limits, progress, apply=present is None,
+                )
+                staging.blobs.append(rec)
+                layer_records.append((rec.digest, rec.size, layer.media_type or rec.media_type))
+                if present is not None:
+                    reused.append(chain)
+                    dirs_below.insert(0, store.fs_dir(present.id))
+                else:
+                    assert new_dir is not None and stats is not None
+                    staging.layers.append(StagedLayer(
+                        chain, got_diff, chains[i - 1] if i else None, new_dir, stats.size, stats.entries
+                    ))
+                    result_new.append(chain)
+                    dirs_below.insert(0, os.path.join(new_dir, "fs"))
+            manifest_bytes = img.manifest_bytes
+            if manifest_bytes is None:
+                manifest_bytes = images.synthesize_manifest(img.config_bytes, layer_records)
+            manifest_digest = store.content.put_bytes(manifest_bytes, "manifest", img.manifest_digest)
+            config_digest = store.content.put_bytes(img.config_bytes, "config", img.config_digest)
+            failpoint.hit("import.manifest-stored")
+            staging.blobs.append(BlobRecord(manifest_digest, len(manifest_bytes), MEDIA_OCI_MANIFEST))
+            staging.blobs.append(BlobRecord(config_digest, len(img.config_bytes), MEDIA_OCI_CONFIG))
+            top = chains[-1] if chains else None
+            store.commit_image(
+                names, staging.layers, staging.blobs, manifest_digest, config_digest, top,
+                [manifest_digest, config_digest, *(r[0] for r in layer_records)],
+            )
+        finally:
+            staging.cleanup()
+    return ImportResult(list(names), manifest_digest, config_digest, top, result_new, reused)
+
+
+def import_path(
+    store: Store,
+    path: str,
+    *,
+    name: str | None = None,
+    platform: str | None = None,
+    progress: Progress | None = None,
+    limits: compression.Limits | None = None,
+) -> list[ImportResult]:
+    """Import every image found at ``path`` (OCI layout dir/tar or docker-archive)."""
+    results = []
+    with images.open_source(path) as src:
+        resolved = list(src.images(platform=platform))
+        if not resolved:
+            raise InvalidImage(f"{path}: no image found")
+        if name is not None and len(resolved) > 1:
+            tags = ", ".join(n for r in resolved for n in r.names) or f"{len(resolved)} untagged images"
+            raise UsageError(f"{path} holds several images ({tags}); --name needs exactly one")
+        for img in resolved:
+            names = [images.normalize_ref(name)] if name else [images.normalize_ref(n) for n in img.names]
+            if not names:
+                raise UsageError(f"{path} holds an untagged image; give it a name with --name REF")
+            results.append(import_resolved(store, img, names, progress=progress, limits=limits))
+    return results
+
+
+def _host_platform() -> tuple[str, str]:
+    machine = _platform.machine().lower()
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
+    return "linux", arch
+
+
+def import_layers(
+    store: Store,
+    paths: Sequence[str],
+    name: str,
+    *,
+    platform: str | None = None,
+    progress: Progress | None = None,
+    limits: compression.Limits | None = None,
+) -> ImportResult:
+    """Import bare layer tars (plain, gzip or zstd; bottom layer first) as one new image.
+
+    The diffIDs are not known in advance: each tar is applied, hashed, and the image config
+    and manifest are written from what was measured.
+    """
+    if not paths:
+        raise UsageError("import-layer needs at least one layer tar")
+    ref = images.normalize_ref(name)
+    os_name, arch = _host_platform()
+    if platform:
+        parts = platform.split("/")
+        os_name, arch = parts[0], parts[1] if len(parts) > 1 else arch
+    progress = progress or Progress(enabled=False)
+    limits = limits or compression.Limits.from_env()
+    # First pass: compute each layer's diffID so ChainIDs (and dedup) are known.
+    diff_ids = []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise UsageError(f"{p}: no such layer tar")
+        with open(p, "rb") as f:
+            peek = _Peek(f)
+            compression.detect(peek.peek(8))
+            r = VerifyingReader(compression.open_decompressed(peek, p, limits), p)
+            r.drain()
+        diff_ids.append(r.digest)
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    config = {
+        "created": now,
+        "architecture": arch,
+        "os": os_name,
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created": now, "created_by": f"layerfs import-layer {os.path.basename(p)}"} for p in paths],
+    }
+    config_bytes = json.dumps(config, separators=(",", ":"), sort_keys=True).encode()
+
+    def opener(p: str) -> Any:
+        return lambda: open(p, "rb")
+
+    layers = [images.LayerBlob(digest=None, size=os.path.getsize(p), media_type="", open=opener(p)) for p in paths]
+    img = images.ResolvedImage(
+        names=[ref], config_bytes=config_bytes, config_digest=Digest.of(config_bytes), config=config,
+        manifest_bytes=None, manifest_digest=None, diff_ids=diff_ids, layers=layers,
+    )
+    return import_resolved(store, img, [ref], progress=progress, limits=limits)
+
+
+def read_json_blob(store: Store, digest: Digest) -> Any:
+    with store.content.open(digest) as f:
+        return json.load(io.TextIOWrapper(f, "utf-8"))

@@ -1,0 +1,496 @@
+"""The layer store: snapshots, blobs and images under one root, changed atomically.
+
+Layout (see DESIGN.md)::
+
+    $ROOT/ (0700)
+      meta.db            SQLite (WAL): the source of truth (layerfs.metadata)
+      lock               flock: shared for imports, exclusive for gc/fsck/rmi
+      blobs/sha256/<hex> verified blobs (layerfs.content)
+      snapshots/<id>/fs  layer or upper contents, overlayfs on-disk format
+      snapshots/<id>/work overlay workdir (active snapshots)
+      tmp/               staging (new-*, ingest-*): garbage after a crash
+
+Lifecycle of a change: stage files under ``tmp/``; open one SQLite transaction; insert the
+rows; rename the staged directories into ``snapshots/<id>``; commit. A crash before the
+commit leaves directories the database does not know (fsck removes them); deleting is done
+after the commit, so a crash there leaves only orphans as well. Nothing committed is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from . import failpoint, whiteout
+from .content import ContentStore, fsync_dir
+from .digest import Digest
+from .errors import AlreadyExists, InUse, NotFound, StoreError
+from .metadata import Metadata, now_ns
+
+IMAGE_LAYER_LABEL = "layerfs.io/image-layer"
+
+
+def default_root() -> str:
+    env = os.environ.get("LAYERFS_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/layerfs"
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data, "layerfs")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: int
+    key: str
+    kind: str
+    parent_id: int | None
+    created_ns: int
+    updated_ns: int
+    size: int
+    inodes: int
+    diff_id: Digest | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Snapshot:
+        return cls(
+            row["id"], row["key"], row["kind"], row["parent_id"], row["created_ns"], row["updated_ns"],
+            row["size"], row["inodes"], Digest(row["diff_id"]) if row["diff_id"] else None,
+        )
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    manifest_digest: Digest
+    config_digest: Digest
+    top_chain_id: Digest | None
+    created_ns: int
+
+
+@dataclass
+class StagedLayer:
+    """A layer applied into ``tmp/new-*/fs``, waiting for ``commit_image``."""
+
+    chain_id: Digest
+    diff_id: Digest
+    parent_chain_id: Digest | None
+    staging: str  # tmp/new-XXXX (contains fs/)
+    size: int
+    inodes: int
+
+
+@dataclass
+class BlobRecord:
+    digest: Digest
+    size: int
+    media_type: str
+    diff_id: Digest | None = None
+
+
+@dataclass
+class Finding:
+    problem: str
+    repaired: bool = False
+
+
+@dataclass
+class FsckReport:
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def unrepaired(self) -> list[Finding]:
+        return [f for f in self.findings if not f.repaired]
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+
+class Store:
+    """One layer store. Cheap to open; several processes may open the same root."""
+
+    def __init__(self, root: str | None = None) -> None:
+        self.root = os.path.abspath(root or default_root())
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            os.chmod(self.root, 0o700)
+            for sub in ("blobs", "snapshots", "tmp"):
+                os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from e
+        self.tmp_dir = os.path.join(self.root, "tmp")
+        self.meta = Metadata(os.path.join(self.root, "meta.db"))
+        self.content = ContentStore(os.path.join(self.root, "blobs"), self.tmp_dir)
+        self.fmt = self._layer_format()
+        self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_depth = 0
+
+    def close(self) -> None:
+        self.meta.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _layer_format(self) -> whiteout.LayerFormat:
+        opaque = self.meta.get_meta("opaque_xattr")
+        if opaque is None:
+            fmt = whiteout.default_format()
+            with self.meta.transaction() as db:
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('opaque_xattr', ?)", (fmt.opaque_xattr,))
+                db.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('device_whiteouts', ?)", (str(int(fmt.device_whiteouts)),)
+                )
+            opaque = self.meta.get_meta("opaque_xattr")
+        dev = self.meta.get_meta("device_whiteouts") == "1"
+        return whiteout.LayerFormat(opaque_xattr=str(opaque), device_whiteouts=dev)
+
+    # -- locking -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _flock(self, mode: int, what: str) -> Iterator[None]:
+        try:
+            fcntl.flock(self._lock_fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"layerfs: waiting for the store lock ({what})", file=sys.stderr)
+            fcntl.flock(self._lock_fd, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def shared_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Held by imports for their whole run: gc/fsck will not touch their staging."""
+        return self._flock(fcntl.LOCK_SH, "another command is collecting or repairing")
+
+    def exclusive_lock(self) -> contextlib.AbstractContextManager[None]:
+        return self._flock(fcntl.LOCK_EX, "an import is running")
+
+    # -- snapshots -----------------------------------------------------------------------
+    def snapshot_dir(self, sid: int) -> str:
+        return os.path.join(self.root, "snapshots", str(sid))
+
+    def fs_dir(self, sid: int) -> str:
+        return os.path.join(self.snapshot_dir(sid), "fs")
+
+    def get_snapshot(self, key: str) -> Snapshot | None:
+        row = self.meta.db.execute("SELECT * FROM snapshots WHERE key=?", (key,)).fetchone()
+        return None if row is None else Snapshot.from_row(row)
+
+    def snapshot_by_id(self, sid: int) -> Snapshot:
+        row = self.meta.db.execute("SELECT * FROM snapshots WHERE id=?", (sid,)).fetchone()
+        if row is None:
+            raise StoreError(f"snapshot id {sid} referenced but missing")
+        return Snapshot.from_row(row)
+
+    def chain(self, key: str) -> list[Snapshot]:
+        """The snapshot ``key`` and all its parents, top first."""
+        snap = self.get_snapshot(key)
+        if snap is None:
+            raise NotFound(f"snapshot {key} not found")
+        out = [snap]
+        while out[-1].parent_id is not None:
+            out.append(self.snapshot_by_id(out[-1].parent_id))
+        return out
+
+    def layer_dirs(self, chain_id: Digest | None) -> list[str]:
+        """fs directories of a committed chain, top first (empty for no layers)."""
+        if chain_id is None:
+            return []
+        return [self.fs_dir(s.id) for s in self.chain(chain_id)]
+
+    def has_layer(self, chain_id: Digest) -> bool:
+        return self.get_snapshot(chain_id) is not None
+
+    def new_staging(self) -> str:
+        """A fresh ``tmp/new-*`` directory with an empty ``fs/`` (mode 0755) inside."""
+        path = tempfile.mkdtemp(prefix="new-", dir=self.tmp_dir)
+        os.mkdir(os.path.join(path, "fs"), 0o755)
+        os.chmod(os.path.join(path, "fs"), 0o755)
+        return path
+
+    def list_snapshots(self) -> list[Snapshot]:
+        return [Snapshot.from_row(r) for r in self.meta.db.execute("SELECT * FROM snapshots ORDER BY id")]
+
+    def labels(self, sid: int) -> dict[str, str]:
+        rows = self.meta.db.execute("SELECT k, v FROM snapshot_labels WHERE snapshot_id=?", (sid,))
+        return {r["k"]: r["v"] for r in rows}
+
+    def _place(self, staging: str, sid: int) -> str:
+        """Rename a staged directory into ``snapshots/<sid>``; an orphan there is removed first."""
+        target = self.snapshot_dir(sid)
+        if os.path.lexists(target):
+            # A directory the database does not know (left by a crash): garbage.
+            shutil.rmtree(target)
+        os.rename(staging, target)
+        return target
+
+    # -- blobs ---------------------------------------------------------------------------
+    def blob(self, digest: Digest) -> BlobRecord | None:
+        row = self.meta.db.execute("SELECT * FROM blobs WHERE digest=?", (digest,)).fetchone()
+        if row is None:
+            return None
+        return BlobRecord(Digest(row["digest"]), row["size"], row["media_type"],
+                          Digest(row["diff_id"]) if row["diff_id"] else None)
+
+    def has_blob(self, digest: Digest) -> bool:
+        return self.blob(digest) is not None and self.content.has(digest)
+
+    # -- images --------------------------------------------------------------------------
+    def get_image(self, name: str) -> Image:
+        row = self.meta.db.execute("SELECT * FROM images WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"image {name} not found")
+        return self._image(row)
+
+    def find_image(self, name: str) -> Image | None:
+        try:
+            return self.get_image(name)
+        except NotFound:
+            return None
+
+    @staticmethod
+    def _image(row: sqlite3.Row) -> Image:
+        top = Digest(row["top_chain_id"]) if row["top_chain_id"] else None
+        return Image(row["name"], Digest(row["manifest_digest"]), Digest(row["config_digest"]), top,
+                     row["created_ns"])
+
+    def list_images(self) -> list[Image]:
+        return [self._image(r) for r in self.meta.db.execute("SELECT * FROM images ORDER BY name")]
+
+    def commit_image(
+        self,
+        names: Sequence[str],
+        staged: Sequence[StagedLayer],
+        blobs: Iterable[BlobRecord],
+        manifest_digest: Digest,
+        config_digest: Digest,
+        top_chain_id: Digest | None,
+        image_blobs: Iterable[Digest],
+    ) -> list[Digest]:
+        """Record staged layers, blobs and image names in one transaction.
+
+        Staged layers whose ChainID appeared meanwhile (a concurrent import) are dropped.
+        Returns the ChainIDs that were newly committed. Names already pointing elsewhere are
+        moved to the new image (like ``docker tag``).
+        """
+        blobs = list(blobs)
+        image_blobs = sorted(set(image_blobs))
+        committed: list[Digest] = []
+        placed: list[str] = []
+        ts = now_ns()
+        try:
+            with self.meta.transaction() as db:
+                failpoint.hit("commit.txn-begin")
+                for b in blobs:
+                    db.execute(
+                        "INSERT OR IGNORE INTO blobs (digest, size, media_type, diff_id, created_ns) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (b.digest, b.size, b.media_type, b.diff_id, ts),
+                    )
+                for layer in staged:
+                    if db.execute("SELECT 1 FROM snapshots WHERE key=?", (layer.chain_id,)).fetchone():
+                        continue
+                    parent_id = None
+                    if layer.parent_chain_id is not None:
+                        prow = db.execute("SELECT id FROM snapshots WHERE key=?", (layer.parent_chain_id,)).fetchone()
+                        if prow is None:
+                            raise StoreError(f"parent layer {layer.parent_chain_id} vanished during import")
+                        parent_id = prow["id"]
+                    cur = db.execute(
+                        "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns, size, inodes, diff_id)"
+                        " VALUES (?, 'committed', ?, ?, ?, ?, ?, ?)",
+                        (layer.chain_id, parent_id, ts, ts, layer.size, layer.inodes, layer.diff_id),
+                    )
+                    sid = int(cur.lastrowid or 0)
+                    db.execute("INSERT INTO snapshot_labels VALUES (?, ?, 'true')", (sid, IMAGE_LAYER_LABEL))
+                    failpoint.hit("commit.before-rename")
+                    placed.append(self._place(layer.staging, sid))
+                    failpoint.hit("commit.after-rename")
+                    committed.append(layer.chain_id)
+                for name in names:
+                    db.execute("DELETE FROM images WHERE name=?", (name,))
+                    db.execute(
+                        "INSERT INTO images (name, manifest_digest, config_digest, top_chain_id, created_ns,"
+                        " updated_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                        (name, manifest_digest, config_digest, top_chain_id, ts, ts),
+                    )
+                    db.executemany("INSERT INTO image_blobs VALUES (?, ?)", [(name, d) for d in image_blobs])
+                failpoint.hit("commit.before-commit")
+        except BaseException:
+            # The transaction rolled back: what was renamed in is now unknown to the database.
+            for path in placed:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        failpoint.hit("commit.after-commit")
+        fsync_dir(os.path.join(self.root, "snapshots"))
+        return committed
+
+    def tag(self, source: str, target: str) -> None:
+        img = self.get_image(source)
+        with self.meta.transaction() as db:
+            db.execute("DELETE FROM images WHERE name=?", (target,))
+            db.execute(
+                "INSERT INTO images SELECT ?, manifest_digest, config_digest, top_chain_id, created_ns, ? "
+                "FROM images WHERE name=?", (target, now_ns(), img.name))
+            db.execute("INSERT INTO image_blobs SELECT ?, digest FROM image_blobs WHERE name=?", (target, img.name))
+
+    def remove_images(self, names: Sequence[str]) -> tuple[list[Digest], list[Digest]]:
+        """Untag images, then collect layers and blobs no image needs (like ``docker rmi``)."""
+        for name in names:
+            self.get_image(name)
+        with self.exclusive_lock():
+            with self.meta.transaction() as db:
+                for name in names:
+                    db.execute("DELETE FROM images WHERE name=?", (name,))
+            return self._collect()
+
+    def gc(self) -> tuple[list[Digest], list[Digest]]:
+        """Drop image layers and blobs no image needs. Returns (layers, blobs) removed."""
+        with self.exclusive_lock():
+            return self._collect()
+
+    def _needed_snapshot_ids(self, db: sqlite3.Connection) -> set[int]:
+        needed: set[int] = set()
+        starts = [r["id"] for r in db.execute(
+            "SELECT s.id FROM snapshots s JOIN images i ON i.top_chain_id = s.key")]
+        # Every snapshot that is not an image layer (containers, snapshotter clients) is a root too.
+        starts += [r["id"] for r in db.execute(
+            "SELECT id FROM snapshots WHERE id NOT IN (SELECT snapshot_id FROM snapshot_labels WHERE k=?)",
+            (IMAGE_LAYER_LABEL,))]
+        for sid in starts:
+            cur: int | None = sid
+            while cur is not None and cur not in needed:
+                needed.add(cur)
+                row = db.execute("SELECT parent_id FROM snapshots WHERE id=?", (cur,)).fetchone()
+                cur = row["parent_id"] if row else None
+        return needed
+
+    def _collect(self) -> tuple[list[Digest], list[Digest]]:
+        self._check_not_mounted_hook()
+        removed_layers: list[Digest] = []
+        removed_blobs: list[Digest] = []
+        dirs: list[str] = []
+        with self.meta.transaction() as db:
+            needed = self._needed_snapshot_ids(db)
+            rows = db.execute("SELECT id, key FROM snapshots ORDER BY id DESC").fetchall()
+            for row in rows:  # children have larger ids than their parents: delete them first
+                if row["id"] in needed:
+                    continue
+                db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (row["id"],))
+                db.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
+                removed_layers.append(Digest(row["key"]))
+                dirs.append(self.snapshot_dir(row["id"]))
+            for row in db.execute(
+                "SELECT digest FROM blobs WHERE digest NOT IN (SELECT digest FROM image_blobs)"
+            ).fetchall():
+                db.execute("DELETE FROM blobs WHERE digest=?", (row["digest"],))
+                removed_blobs.append(Digest(row["digest"]))
+        # Delete files only after the transaction committed.
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        for d in removed_blobs:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.content.path(d))
+        return removed_layers, removed_blobs
+
+    def _check_not_mounted_hook(self) -> None:
+        """Mount records arrive with the kernel backend; nothing is mounted before that."""
+
+    # -- usage ---------------------------------------------------------------------------
+    def blob_usage(self) -> tuple[int, int]:
+        row = self.meta.db.execute("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS s FROM blobs").fetchone()
+        return int(row["n"]), int(row["s"])
+
+    # -- fsck ----------------------------------------------------------------------------
+    def fsck(self, repair: bool = False, verify_blobs: bool = False) -> FsckReport:
+        """Check that the files agree with the database; with ``repair``, remove garbage.
+
+        Garbage (repairable): staging in ``tmp/``, snapshot directories and blob files the
+        database does not know, image layers no image needs. Damage (reported, never
+        "repaired" by deleting data): a known snapshot or blob whose files are missing, a
+        blob whose content no longer matches its digest, an image pointing at nothing.
+        """
+        report = FsckReport()
+        lock = self.exclusive_lock() if repair else contextlib.nullcontext()
+        with lock:
+            db = self.meta.db
+            ok = db.execute("PRAGMA integrity_check").fetchone()[0]
+            if ok != "ok":
+                report.findings.append(Finding(f"meta.db integrity check failed: {ok}"))
+            known_ids = {r["id"]: r for r in db.execute("SELECT * FROM snapshots")}
+            for entry in sorted(os.listdir(self.tmp_dir)):
+                report.findings.append(Finding(f"leftover staging tmp/{entry}", repaired=repair))
+                if repair:
+                    _remove(os.path.join(self.tmp_dir, entry))
+            snap_root = os.path.join(self.root, "snapshots")
+            for entry in sorted(os.listdir(snap_root)):
+                if not entry.isdigit() or int(entry) not in known_ids:
+                    report.findings.append(Finding(f"orphan snapshot directory snapshots/{entry}", repaired=repair))
+                    if repair:
+                        _remove(os.path.join(snap_root, entry))
+            for sid, row in sorted(known_ids.items()):
+                if not os.path.isdir(self.fs_dir(sid)):
+                    report.findings.append(Finding(f"snapshot {row['key']} (id {sid}): directory snapshots/{sid}/fs missing"))
+                if row["parent_id"] is not None and row["parent_id"] not in known_ids:
+                    report.findings.append(Finding(f"snapshot {row['key']}: parent id {row['parent_id']} missing"))
+            known_blobs = {r["digest"] for r in db.execute("SELECT digest FROM blobs")}
+            for name in self.content.list_files():
+                try:
+                    digest = Digest.from_hex(name)
+                except Exception:
+                    digest = None
+                if digest is None or digest not in known_blobs:
+                    report.findings.append(Finding(f"orphan blob file blobs/sha256/{name}", repaired=repair))
+                    if repair:
+                        _remove(os.path.join(self.content.blob_dir, name))
+            for d in sorted(known_blobs):
+                if not self.content.has(Digest(d)):
+                    report.findings.append(Finding(f"blob {d} recorded but its file is missing"))
+                elif verify_blobs and not self.content.verify(Digest(d)):
+                    report.findings.append(Finding(f"blob {d}: content does not match its digest"))
+            for img in self.list_images():
+                for d in (img.manifest_digest, img.config_digest):
+                    if d not in known_blobs:
+                        report.findings.append(Finding(f"image {img.name}: blob {d} missing"))
+                if img.top_chain_id is not None and img.top_chain_id not in {r["key"] for r in known_ids.values()}:
+                    report.findings.append(Finding(f"image {img.name}: top layer {img.top_chain_id} missing"))
+            # unreferenced image layers/blobs are collectable garbage, not damage
+            needed = self._needed_snapshot_ids(db)
+            unneeded = [r["key"] for sid, r in known_ids.items() if sid not in needed]
+            unref_blobs = [r["digest"] for r in db.execute(
+                "SELECT digest FROM blobs WHERE digest NOT IN (SELECT digest FROM image_blobs)")]
+            for k in unneeded:
+                report.findings.append(Finding(f"layer {k} is not used by any image", repaired=repair))
+            for d in unref_blobs:
+                report.findings.append(Finding(f"blob {d} is not used by any image", repaired=repair))
+            if repair and (unneeded or unref_blobs):
+                self._collect()
+        return report
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def check_name_free(store: Store, name: str) -> None:
+    if store.find_image(name) is not None:
+        raise AlreadyExists(f"image {name} already exists")
+
+
+__all__ = ["Store", "Snapshot", "Image", "StagedLayer", "BlobRecord", "FsckReport", "InUse", "default_root"]
