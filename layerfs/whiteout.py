@@ -109,7 +109,10 @@ def is_opaque(path_or_fd: str | int) -> bool:
     """Whether a directory carries any of the opaque markers layerfs writes or reads."""
     for name in (TRUSTED_PREFIX + "opaque", USER_PREFIX + "opaque"):
         try:
-            if os.getxattr(path_or_fd, name, follow_symlinks=False) == b"y":
+            # an fd names the inode itself; a path must not follow a final symlink
+            value = (os.getxattr(path_or_fd, name) if isinstance(path_or_fd, int)
+                     else os.getxattr(path_or_fd, name, follow_symlinks=False))
+            if value == b"y":
                 return True
         except OSError as e:
             if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):

@@ -65,6 +65,10 @@ class LayerStack:
             return None
         return Entry("", contributing[0], os.lstat(self.layers[contributing[0]]), tuple(contributing))
 
+    def child(self, parent: Entry, name: str) -> Entry | None:
+        """One lookup step below an already resolved directory entry."""
+        return self._child(parent, name)
+
     def _child(self, parent: Entry, name: str) -> Entry | None:
         relpath = f"{parent.path}/{name}" if parent.path else name
         found: Entry | None = None
