@@ -168,3 +168,20 @@ def tag_cmd(ctx: Ctx, source: str, target: str) -> None:
 
     img = catalog.resolve_image(ctx.store, source)
     ctx.store.tag(img.name, normalize_ref(target))
+
+
+@cli.command("export")
+@click.argument("refs", nargs=-1, required=True)
+@click.argument("out")
+@click.option("--format", "fmt", type=click.Choice(["oci", "docker-archive"]), default="oci",
+              help="OCI image layout (default) or docker-archive.")
+@click.option("--rebuild-layers", is_flag=True,
+              help="Write every layer from its directory instead of reusing the stored blob.")
+@pass_ctx
+@handle_errors
+def export_cmd(ctx: Ctx, refs: tuple[str, ...], out: str, fmt: str, rebuild_layers: bool) -> None:
+    """Export images to OUT (a directory, or a .tar file)."""
+    from . import exporter
+
+    imgs = exporter.export(ctx.store, list(refs), out, fmt=fmt, rebuild=rebuild_layers)
+    ctx.log(f"Exported {', '.join(i.name for i in imgs)} to {out} ({fmt})")

@@ -9,6 +9,7 @@ the ``blobs`` table by the caller's transaction; a file with no row is garbage f
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from typing import BinaryIO
@@ -59,7 +60,8 @@ class Ingest:
     def readable(self) -> bool:
         return True
 
-    def commit(self) -> tuple[Digest, int]:
+    def finish(self) -> tuple[Digest, int]:
+        """Drain, fsync and verify. The blob stays staged in ``tmp/`` until ``place()``."""
         while self.read(CHUNK):
             pass
         self._out.flush()
@@ -67,16 +69,27 @@ class Ingest:
         self._out.close()
         digest = self.reader.verify()
         os.chmod(self.tmp_path, 0o444)
-        failpoint.hit("content.before-rename")
-        final = self.content.path(digest)
-        if os.path.exists(final):
-            os.unlink(self.tmp_path)  # identical content already there
-        else:
-            os.rename(self.tmp_path, final)
-            failpoint.hit("content.after-rename")
-            fsync_dir(self.content.blob_dir)
         self.digest = digest
         return digest, self.reader.size
+
+    def place(self) -> bool:
+        """Rename the verified blob into the store. Returns False when it was already there."""
+        assert self.digest is not None, "finish() first"
+        final = self.content.path(self.digest)
+        failpoint.hit("content.before-rename")
+        if os.path.exists(final):
+            os.unlink(self.tmp_path)  # identical content already stored
+            return False
+        os.rename(self.tmp_path, final)
+        failpoint.hit("content.after-rename")
+        fsync_dir(self.content.blob_dir)
+        return True
+
+    def commit(self) -> tuple[Digest, int]:
+        """finish() and place() in one step, for callers with nothing else to make atomic."""
+        result = self.finish()
+        self.place()
+        return result
 
     def abort(self) -> None:
         if not self._out.closed:
@@ -90,7 +103,7 @@ class Ingest:
         return self
 
     def __exit__(self, et: object, ev: object, tb: object) -> None:
-        if self.digest is None:
+        if et is not None:
             self.abort()
 
 
@@ -121,12 +134,15 @@ class ContentStore:
     ) -> Ingest:
         return Ingest(self, raw, what, expected, expected_size)
 
-    def put_bytes(self, data: bytes, what: str, expected: Digest | None = None) -> Digest:
-        import io
-
-        with self.ingest(io.BytesIO(data), what, expected, len(data)) as ing:
-            digest, _ = ing.commit()
-        return digest
+    def stage_bytes(self, data: bytes, what: str, expected: Digest | None = None) -> Ingest:
+        """Stage and verify a small blob (manifest, config); ``place()`` it in a transaction."""
+        ing = self.ingest(io.BytesIO(data), what, expected, len(data))
+        try:
+            ing.finish()
+        except BaseException:
+            ing.abort()
+            raise
+        return ing
 
     def verify(self, digest: Digest) -> bool:
         """Re-hash a stored blob; False when its content no longer matches its name."""

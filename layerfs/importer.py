@@ -54,6 +54,9 @@ class _Staging:
     def cleanup(self) -> None:
         for layer in self.layers:
             shutil.rmtree(layer.staging, ignore_errors=True)
+        for blob in self.blobs:
+            if blob.staged is not None:
+                blob.staged.abort()  # a no-op for blobs already placed
 
 
 def _apply_blob(
@@ -89,11 +92,11 @@ def _apply_blob(
                     failpoint.hit("import.layer-applied")
                 tar_reader.drain()
                 got_diff = tar_reader.verify()
-                blob_digest, blob_size = ing.commit()
-                failpoint.hit("import.blob-committed")
+                blob_digest, blob_size = ing.finish()
+                failpoint.hit("import.blob-verified")
             bar.finish()
         media = _LAYER_MEDIA[kind]
-        return BlobRecord(blob_digest, blob_size, media, got_diff), got_diff, staging, stats
+        return BlobRecord(blob_digest, blob_size, media, got_diff, staged=ing), got_diff, staging, stats
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -189,11 +192,13 @@ def import_resolved(
             manifest_bytes = img.manifest_bytes
             if manifest_bytes is None:
                 manifest_bytes = images.synthesize_manifest(img.config_bytes, layer_records)
-            manifest_digest = store.content.put_bytes(manifest_bytes, "manifest", img.manifest_digest)
-            config_digest = store.content.put_bytes(img.config_bytes, "config", img.config_digest)
-            failpoint.hit("import.manifest-stored")
-            staging.blobs.append(BlobRecord(manifest_digest, len(manifest_bytes), MEDIA_OCI_MANIFEST))
-            staging.blobs.append(BlobRecord(config_digest, len(img.config_bytes), MEDIA_OCI_CONFIG))
+            m_ing = store.content.stage_bytes(manifest_bytes, "manifest", img.manifest_digest)
+            c_ing = store.content.stage_bytes(img.config_bytes, "config", img.config_digest)
+            assert m_ing.digest is not None and c_ing.digest is not None
+            manifest_digest, config_digest = m_ing.digest, c_ing.digest
+            failpoint.hit("import.manifest-staged")
+            staging.blobs.append(BlobRecord(manifest_digest, len(manifest_bytes), MEDIA_OCI_MANIFEST, staged=m_ing))
+            staging.blobs.append(BlobRecord(config_digest, len(img.config_bytes), MEDIA_OCI_CONFIG, staged=c_ing))
             top = chains[-1] if chains else None
             store.commit_image(
                 names, staging.layers, staging.blobs, manifest_digest, config_digest, top,

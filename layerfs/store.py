@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from . import failpoint, whiteout
-from .content import ContentStore, fsync_dir
+from .content import ContentStore, Ingest, fsync_dir
 from .digest import Digest
 from .errors import AlreadyExists, InUse, NotFound, StoreError
 from .metadata import Metadata, now_ns
@@ -94,6 +94,7 @@ class BlobRecord:
     size: int
     media_type: str
     diff_id: Digest | None = None
+    staged: Ingest | None = None  # verified in tmp/, renamed in by commit_image
 
 
 @dataclass
@@ -294,6 +295,8 @@ class Store:
             with self.meta.transaction() as db:
                 failpoint.hit("commit.txn-begin")
                 for b in blobs:
+                    if b.staged is not None and b.staged.place():
+                        placed.append(self.content.path(b.digest))
                     db.execute(
                         "INSERT OR IGNORE INTO blobs (digest, size, media_type, diff_id, created_ns) "
                         "VALUES (?, ?, ?, ?, ?)",
@@ -331,7 +334,7 @@ class Store:
         except BaseException:
             # The transaction rolled back: what was renamed in is now unknown to the database.
             for path in placed:
-                shutil.rmtree(path, ignore_errors=True)
+                _remove(path)
             raise
         failpoint.hit("commit.after-commit")
         fsync_dir(os.path.join(self.root, "snapshots"))
@@ -466,17 +469,9 @@ class Store:
                         report.findings.append(Finding(f"image {img.name}: blob {d} missing"))
                 if img.top_chain_id is not None and img.top_chain_id not in {r["key"] for r in known_ids.values()}:
                     report.findings.append(Finding(f"image {img.name}: top layer {img.top_chain_id} missing"))
-            # unreferenced image layers/blobs are collectable garbage, not damage
-            needed = self._needed_snapshot_ids(db)
-            unneeded = [r["key"] for sid, r in known_ids.items() if sid not in needed]
-            unref_blobs = [r["digest"] for r in db.execute(
-                "SELECT digest FROM blobs WHERE digest NOT IN (SELECT digest FROM image_blobs)")]
-            for k in unneeded:
-                report.findings.append(Finding(f"layer {k} is not used by any image", repaired=repair))
-            for d in unref_blobs:
-                report.findings.append(Finding(f"blob {d} is not used by any image", repaired=repair))
-            if repair and (unneeded or unref_blobs):
-                self._collect()
+            # Layers and blobs no image needs (after rmi of a name, or a re-tag) are not
+            # damage: a crash never leaves them (rows are written with their image in one
+            # transaction); `layerfs gc` collects them.
         return report
 
 
