@@ -195,25 +195,31 @@ class _Applier:
     def _err(self, entry: str, msg: str) -> UnsafeArchive:
         return UnsafeArchive(f"{self.what}: {entry!r}: {msg}", entry)
 
+    def _reason(self, e: UnsafeArchive) -> str:
+        """The part of an ``_err`` message after the entry name."""
+        return str(e).removeprefix(f"{self.what}: {e.entry!r}: ")
+
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, stream: Readable) -> None:
         current: str | None = None
+        in_header = True  # reading a header (after ``current``), not ``current``'s data
         try:
             tf = tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictTarInfo)  # type: ignore[call-overload]
             while (member := tf.next()) is not None:
                 # tarfile keeps every member it has read; a layer can have millions.
                 tf.members.clear()
-                current = member.name
+                current, in_header = member.name, False
                 self.entries += 1
                 self._member(tf, member)
+                in_header = True
             self._finish_dirs()
         except UnsafeArchive as e:
             if e.entry is None and current is not None:  # from the decompressor, mid-member
                 raise type(e)(f"{e} (in entry {current!r})", current) from e
             raise
         except (tarfile.TarError, EOFError) as e:
-            where = f" at entry {current!r}" if current is not None else ""
+            where = "" if current is None else f" {'after' if in_header else 'in'} entry {current!r}"
             raise UnsafeArchive(f"{self.what}: corrupt or truncated tar{where}: {e}", current) from e
         except OSError as e:
             if e.errno in _ENVIRONMENT or current is None:
@@ -405,7 +411,10 @@ class _Applier:
             raise self._err(m.name, f"hardlink to a whiteout {m.linkname!r}")
         if "/".join(parts) == path:
             raise self._err(m.name, "hardlink to itself")
-        fd = self._walk(parts[:-1], m.name, create=False)
+        try:
+            fd = self._walk(parts[:-1], m.name, create=False)
+        except UnsafeArchive as e:
+            raise self._err(m.name, f"hardlink target {m.linkname!r}: {self._reason(e)}") from None
         try:
             st = _lstat(fd, parts[-1])
             if st is None:

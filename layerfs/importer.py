@@ -15,7 +15,6 @@ import datetime as _dt
 import io
 import json
 import os
-import platform as _platform
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -235,12 +234,6 @@ def import_path(
     return results
 
 
-def _host_platform() -> tuple[str, str]:
-    machine = _platform.machine().lower()
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
-    return "linux", arch
-
-
 def import_layers(
     store: Store,
     paths: Sequence[str],
@@ -258,10 +251,7 @@ def import_layers(
     if not paths:
         raise UsageError("import-layer needs at least one layer tar")
     ref = images.normalize_ref(name)
-    os_name, arch = _host_platform()
-    if platform:
-        parts = platform.split("/")
-        os_name, arch = parts[0], parts[1] if len(parts) > 1 else arch
+    plat = images.Platform.parse(platform) if platform else images.Platform.host()
     progress = progress or Progress(enabled=False)
     limits = limits or compression.Limits.from_env()
     # First pass: compute each layer's diffID so ChainIDs (and dedup) are known.
@@ -278,8 +268,9 @@ def import_layers(
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     config = {
         "created": now,
-        "architecture": arch,
-        "os": os_name,
+        "architecture": plat.architecture,
+        "os": plat.os,
+        **({"variant": plat.variant} if plat.variant else {}),
         "config": {},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
         "history": [{"created": now, "created_by": f"layerfs import-layer {os.path.basename(p)}"} for p in paths],

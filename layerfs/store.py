@@ -178,6 +178,15 @@ class Store:
     def exclusive_lock(self) -> contextlib.AbstractContextManager[None]:
         return self._flock(fcntl.LOCK_EX, "an import is running")
 
+    def _try_exclusive(self) -> bool:
+        """True when no other process holds the store lock right now (checked, not kept)."""
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        return True
+
     # -- snapshots -----------------------------------------------------------------------
     def snapshot_dir(self, sid: int) -> str:
         return os.path.join(self.root, "snapshots", str(sid))
@@ -426,19 +435,25 @@ class Store:
         blob whose content no longer matches its digest, an image pointing at nothing.
         """
         report = FsckReport()
-        lock = self.exclusive_lock() if repair else contextlib.nullcontext()
+        if repair:
+            lock: contextlib.AbstractContextManager[None] = self.exclusive_lock()
+            quiescent = True
+        else:
+            # Reporting must not wait for an import, nor call its staging garbage.
+            quiescent = self._try_exclusive()
+            lock = contextlib.nullcontext()
         with lock:
             db = self.meta.db
             ok = db.execute("PRAGMA integrity_check").fetchone()[0]
             if ok != "ok":
                 report.findings.append(Finding(f"meta.db integrity check failed: {ok}"))
             known_ids = {r["id"]: r for r in db.execute("SELECT * FROM snapshots")}
-            for entry in sorted(os.listdir(self.tmp_dir)):
+            for entry in sorted(os.listdir(self.tmp_dir)) if quiescent else []:
                 report.findings.append(Finding(f"leftover staging tmp/{entry}", repaired=repair))
                 if repair:
                     _remove(os.path.join(self.tmp_dir, entry))
             snap_root = os.path.join(self.root, "snapshots")
-            for entry in sorted(os.listdir(snap_root)):
+            for entry in sorted(os.listdir(snap_root)) if quiescent else []:
                 if not entry.isdigit() or int(entry) not in known_ids:
                     report.findings.append(Finding(f"orphan snapshot directory snapshots/{entry}", repaired=repair))
                     if repair:
@@ -449,7 +464,7 @@ class Store:
                 if row["parent_id"] is not None and row["parent_id"] not in known_ids:
                     report.findings.append(Finding(f"snapshot {row['key']}: parent id {row['parent_id']} missing"))
             known_blobs = {r["digest"] for r in db.execute("SELECT digest FROM blobs")}
-            for name in self.content.list_files():
+            for name in self.content.list_files() if quiescent else []:
                 try:
                     digest = Digest.from_hex(name)
                 except Exception:

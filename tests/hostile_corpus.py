@@ -13,9 +13,9 @@ import gzip
 import hashlib
 import io
 import os
+import random
 import stat
 import tarfile
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +171,11 @@ def snapshot(root: Path, exclude: Path) -> dict[str, tuple[object, ...]]:
             extra = hashlib.sha256(p.read_bytes()).hexdigest()
         elif stat.S_ISLNK(st.st_mode):
             extra = os.readlink(p)
-        xattrs = tuple(sorted((n, os.getxattr(p, n, follow_symlinks=False)) for n in os.listxattr(p, follow_symlinks=False)))
+        xattrs = tuple(
+            sorted(
+                (n, os.getxattr(p, n, follow_symlinks=False)) for n in os.listxattr(p, follow_symlinks=False)
+            )
+        )
         out[str(p.relative_to(root))] = (
             st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
             st.st_nlink, st.st_ino, st.st_rdev, extra, xattrs,
@@ -261,40 +265,89 @@ CASES: list[Case] = [
     # -- names that climb out ---------------------------------------------------------------
     Case("dotdot", _const(tar(reg("../outside/victim", b"pwned"))), "../outside/victim"),
     Case("dotdot-deep", _const(tar(reg("../../etc/x", b"pwned"))), "../../etc/x"),
-    Case("dotdot-middle", _const(tar(dir_("a"), reg("a/../../outside/victim", b"pwned"))), "a/../../outside/victim"),
+    Case(
+        "dotdot-middle",
+        _const(tar(dir_("a"), reg("a/../../outside/victim", b"pwned"))),
+        "a/../../outside/victim",
+    ),
     Case("dotdot-inside-layer", _const(tar(dir_("a"), reg("a/../b", b"x"))), "a/../b"),
     Case("absolute-dotdot", _const(tar(reg("/../outside/victim", b"pwned"))), "/../outside/victim"),
     Case("dir-dotdot", _const(tar(dir_("../outside/dir/new"))), "../outside/dir/new"),
-    Case("pax-path-dotdot", _const(tar(reg("harmless", b"pwned", pax={"path": "../outside/victim"}))), "../outside/victim"),
-    Case("gnu-longname-dotdot", _const(tar(reg(_long(120) + "/../../outside/victim", b"pwned"), fmt=tarfile.GNU_FORMAT)),
-         _long(120) + "/../../outside/victim"),  # fmt: skip
-    Case("pax-longname-dotdot", _const(tar(reg(_long(150) + "/../../outside/victim", b"pwned"))),
-         _long(150) + "/../../outside/victim"),  # fmt: skip
+    Case(
+        "pax-path-dotdot",
+        _const(tar(reg("harmless", b"pwned", pax={"path": "../outside/victim"}))),
+        "../outside/victim",
+    ),
+    Case(
+        "gnu-longname-dotdot",
+        _const(tar(reg(_long(120) + "/../../outside/victim", b"pwned"), fmt=tarfile.GNU_FORMAT)),
+        _long(120) + "/../../outside/victim",
+    ),  # fmt: skip
+    Case(
+        "pax-longname-dotdot",
+        _const(tar(reg(_long(150) + "/../../outside/victim", b"pwned"))),
+        _long(150) + "/../../outside/victim",
+    ),  # fmt: skip
     Case("device-dotdot", _const(tar(dev("../outside/null"))), "../outside/null", needs_root=True),
     Case("fifo-dotdot", _const(tar(fifo("../outside/pipe"))), "../outside/pipe"),
     Case("symlink-named-dotdot", _const(tar(sym("../outside/link", "/etc/passwd"))), "../outside/link"),
-    Case("nul-in-name", _const(tar(reg("a", b"x", pax={"path": "a\0/../../outside/victim"}))), "a\0/../../outside/victim"),
+    Case(
+        "nul-in-name",
+        _const(tar(reg("a", b"x", pax={"path": "a\0/../../outside/victim"}))),
+        "a\0/../../outside/victim",
+    ),
     Case("component-256-bytes", _const(tar(reg("d/" + _long(256), b"x"))), "d/" + _long(256)),
     Case("component-256-bytes-utf8", _const(tar(reg("é" * 128, b"x"))), "é" * 128),
     # -- symlinks written through -----------------------------------------------------------
-    Case("symlink-to-outside-write-through", _const(tar(sym("s", "../outside"), reg("s/victim", b"pwned"))), "s/victim"),
-    Case("symlink-to-root-write-through", lambda sb: tar(sym("s", "/"), reg(f"s{sb.outside}/victim", b"pwned")),
-         lambda sb: f"s{sb.outside}/victim"),  # fmt: skip
-    Case("symlink-to-dotdot-write-through", _const(tar(sym("s", ".."), reg("s/outside/victim", b"pwned"))),
-         "s/outside/victim"),  # fmt: skip
-    Case("symlink-absolute-write-through", lambda sb: tar(sym("s", str(sb.outside)), reg("s/victim", b"pwned")),
-         "s/victim"),  # fmt: skip
-    Case("symlink-chain", _const(tar(sym("a", "b"), sym("b", "../outside"), reg("a/victim", b"pwned"))), "a/victim"),
+    Case(
+        "symlink-to-outside-write-through",
+        _const(tar(sym("s", "../outside"), reg("s/victim", b"pwned"))),
+        "s/victim",
+    ),
+    Case(
+        "symlink-to-root-write-through",
+        lambda sb: tar(sym("s", "/"), reg(f"s{sb.outside}/victim", b"pwned")),
+        lambda sb: f"s{sb.outside}/victim",
+    ),  # fmt: skip
+    Case(
+        "symlink-to-dotdot-write-through",
+        _const(tar(sym("s", ".."), reg("s/outside/victim", b"pwned"))),
+        "s/outside/victim",
+    ),  # fmt: skip
+    Case(
+        "symlink-absolute-write-through",
+        lambda sb: tar(sym("s", str(sb.outside)), reg("s/victim", b"pwned")),
+        "s/victim",
+    ),  # fmt: skip
+    Case(
+        "symlink-chain",
+        _const(tar(sym("a", "b"), sym("b", "../outside"), reg("a/victim", b"pwned"))),
+        "a/victim",
+    ),
     Case("symlink-loop-parent", _const(tar(sym("a", "a"), reg("a/x", b"x"))), "a/x"),
-    Case("dir-replaced-by-symlink", _const(tar(dir_("d"), sym("d", "../outside"), reg("d/victim", b"pwned"))),
-         "d/victim"),  # fmt: skip
+    Case(
+        "dir-replaced-by-symlink",
+        _const(tar(dir_("d"), sym("d", "../outside"), reg("d/victim", b"pwned"))),
+        "d/victim",
+    ),  # fmt: skip
     Case("symlink-then-dir-entry-through-it", _const(tar(sym("s", "../outside"), dir_("s/dir"))), "s/dir"),
-    Case("symlink-then-chmod-through-it", _const(tar(sym("s", "../outside"), dir_("s/dir", mode=0o777))), "s/dir"),
-    Case("symlink-then-symlink-through-it", _const(tar(sym("s", "../outside"), sym("s/victim", "/etc/shadow"))),
-         "s/victim"),  # fmt: skip
+    Case(
+        "symlink-then-chmod-through-it",
+        _const(tar(sym("s", "../outside"), dir_("s/dir", mode=0o777))),
+        "s/dir",
+    ),
+    Case(
+        "symlink-then-symlink-through-it",
+        _const(tar(sym("s", "../outside"), sym("s/victim", "/etc/shadow"))),
+        "s/victim",
+    ),  # fmt: skip
     Case("symlink-then-fifo-through-it", _const(tar(sym("s", "../outside"), fifo("s/pipe"))), "s/pipe"),
-    Case("symlink-then-device-through-it", _const(tar(sym("s", "../outside"), dev("s/null"))), "s/null",
-         needs_root=True),  # fmt: skip
+    Case(
+        "symlink-then-device-through-it",
+        _const(tar(sym("s", "../outside"), dev("s/null"))),
+        "s/null",
+        needs_root=True,
+    ),  # fmt: skip
     # -- hardlinks ---------------------------------------------------------------------------
     Case("hardlink-dotdot", _const(tar(hard("h", "../outside/victim"))), "h"),
     Case("hardlink-absolute-outside", lambda sb: tar(hard("h", f"{sb.outside}/victim")), "h"),
@@ -302,26 +355,43 @@ CASES: list[Case] = [
     Case("hardlink-to-directory", _const(tar(dir_("d"), hard("h", "d"))), "h"),
     Case("hardlink-to-root", _const(tar(hard("h", "./"))), "h"),
     Case("hardlink-through-symlink-parent", _const(tar(sym("s", "../outside"), hard("h", "s/victim"))), "h"),
-    Case("hardlink-to-symlink-then-write-through", _const(tar(sym("s", "../outside"), hard("h", "s"),
-         reg("h/victim", b"pwned"))), "h/victim"),  # fmt: skip
-    Case("hardlink-dst-through-symlink", _const(tar(sym("s", "../outside"), reg("f", b"x"), hard("s/victim", "f"))),
-         "s/victim"),  # fmt: skip
+    Case(
+        "hardlink-to-symlink-then-write-through",
+        _const(tar(sym("s", "../outside"), hard("h", "s"), reg("h/victim", b"pwned"))),
+        "h/victim",
+    ),  # fmt: skip
+    Case(
+        "hardlink-dst-through-symlink",
+        _const(tar(sym("s", "../outside"), reg("f", b"x"), hard("s/victim", "f"))),
+        "s/victim",
+    ),  # fmt: skip
     Case("hardlink-to-whiteout", _const(tar(reg(".wh.x"), hard("h", "x"))), "h"),
     Case("hardlink-to-whiteout-name", _const(tar(reg(".wh.x"), hard("h", ".wh.x"))), "h"),
     Case("hardlink-to-itself", _const(tar(reg("a", b"x"), hard("a", "a"))), "a"),
-    Case("pax-linkpath-dotdot", _const(tar(hard("h", "harmless", pax={"linkpath": "../outside/victim"}))), "h"),
-    Case("gnu-longlink-dotdot", _const(tar(hard("h", _long(120) + "/../../outside/victim"), fmt=tarfile.GNU_FORMAT)),
-         "h"),  # fmt: skip
+    Case(
+        "pax-linkpath-dotdot", _const(tar(hard("h", "harmless", pax={"linkpath": "../outside/victim"}))), "h"
+    ),
+    Case(
+        "gnu-longlink-dotdot",
+        _const(tar(hard("h", _long(120) + "/../../outside/victim"), fmt=tarfile.GNU_FORMAT)),
+        "h",
+    ),  # fmt: skip
     Case("nul-in-linkname", _const(tar(sym("s", "x", pax={"linkpath": "a\0b"}))), "s"),
     Case("symlink-target-too-long", _const(tar(sym("s", "x/" * 3000))), "s"),
     # -- whiteouts and opaque markers --------------------------------------------------------
     Case("whiteout-dotdot-name", _const(tar(reg(".wh.."))), ".wh.."),
     Case("whiteout-bare", _const(tar(reg("d/.wh."))), "d/.wh."),
     Case("whiteout-of-whiteout", _const(tar(reg(".wh..wh.foo"))), ".wh..wh.foo"),
-    Case("whiteout-through-symlink", _const(tar(sym("s", "../outside"), reg("s/.wh.victim"))), "s/.wh.victim"),
+    Case(
+        "whiteout-through-symlink", _const(tar(sym("s", "../outside"), reg("s/.wh.victim"))), "s/.wh.victim"
+    ),
     Case("whiteout-with-dotdot", _const(tar(reg("../outside/.wh.victim"))), "../outside/.wh.victim"),
     Case("whiteout-as-directory", _const(tar(reg(".wh.x/y", b"x"))), ".wh.x/y"),
-    Case("opaque-under-symlink", _const(tar(sym("s", "../outside/dir"), reg("s/.wh..wh..opq"))), "s/.wh..wh..opq"),
+    Case(
+        "opaque-under-symlink",
+        _const(tar(sym("s", "../outside/dir"), reg("s/.wh..wh..opq"))),
+        "s/.wh..wh..opq",
+    ),
     Case("opaque-marker-as-directory", _const(tar(reg("d/.wh..wh..opq/x", b"x"))), "d/.wh..wh..opq/x"),
     # -- the root entry ----------------------------------------------------------------------
     Case("root-as-file", _const(tar(reg(".", b"x"))), "."),
@@ -334,15 +404,37 @@ CASES: list[Case] = [
     Case("fifo-as-parent", _const(tar(fifo("p"), reg("p/x", b"y"))), "p/x"),
     Case("device-as-parent", _const(tar(dev("c"), reg("c/x", b"y"))), "c/x", needs_root=True),
     # -- written through a lower layer -------------------------------------------------------
-    Case("lower-symlink-write-through", _const(tar(reg("etc/victim", b"pwned"))), "etc/victim", lower=_lower_etc_symlink),
+    Case(
+        "lower-symlink-write-through",
+        _const(tar(reg("etc/victim", b"pwned"))),
+        "etc/victim",
+        lower=_lower_etc_symlink,
+    ),
     Case("lower-symlink-dir-entry", _const(tar(dir_("etc/dir"))), "etc/dir", lower=_lower_etc_symlink),
-    Case("lower-symlink-whiteout-through", _const(tar(reg("etc/.wh.victim"))), "etc/.wh.victim",
-         lower=_lower_etc_symlink),  # fmt: skip
-    Case("lower-symlink-opaque-through", _const(tar(reg("etc/.wh..wh..opq"))), "etc/.wh..wh..opq",
-         lower=_lower_etc_symlink),  # fmt: skip
-    Case("lower-nested-symlink", _const(tar(reg("usr/lib/victim", b"pwned"))), "usr/lib/victim",
-         lower=_lower_nested_symlink),  # fmt: skip
-    Case("lower-absolute-symlink", _const(tar(reg("opt/victim", b"pwned"))), "opt/victim", lower=_lower_abs_symlink),
+    Case(
+        "lower-symlink-whiteout-through",
+        _const(tar(reg("etc/.wh.victim"))),
+        "etc/.wh.victim",
+        lower=_lower_etc_symlink,
+    ),  # fmt: skip
+    Case(
+        "lower-symlink-opaque-through",
+        _const(tar(reg("etc/.wh..wh..opq"))),
+        "etc/.wh..wh..opq",
+        lower=_lower_etc_symlink,
+    ),  # fmt: skip
+    Case(
+        "lower-nested-symlink",
+        _const(tar(reg("usr/lib/victim", b"pwned"))),
+        "usr/lib/victim",
+        lower=_lower_nested_symlink,
+    ),  # fmt: skip
+    Case(
+        "lower-absolute-symlink",
+        _const(tar(reg("opt/victim", b"pwned"))),
+        "opt/victim",
+        lower=_lower_abs_symlink,
+    ),
     Case("lower-file-as-parent", _const(tar(reg("x/y", b"y"))), "x/y", lower=_lower_file),
     # -- headers and streams -----------------------------------------------------------------
     Case("unsupported-type", _const(tar(raw_type("vol", b"V"))), "vol"),
@@ -363,9 +455,13 @@ CASES: list[Case] = [
     Case("zero-block-then-header", _const(_zero_block_then_data()), "a"),
     # -- compressed streams ------------------------------------------------------------------
     Case("gzip-bomb-size", _const(gz(_ZEROS)), "big", limits=Limits(max_bytes=1 << 20)),
-    Case("gzip-bomb-ratio", _const(gz(_ZEROS)), "big", limits=Limits(max_ratio=50, min_ratio_bytes=256 << 10)),
+    Case(
+        "gzip-bomb-ratio", _const(gz(_ZEROS)), "big", limits=Limits(max_ratio=50, min_ratio_bytes=256 << 10)
+    ),
     Case("zstd-bomb-size", _const(zstd(_ZEROS)), "big", limits=Limits(max_bytes=1 << 20)),
-    Case("zstd-bomb-ratio", _const(zstd(_ZEROS)), "big", limits=Limits(max_ratio=50, min_ratio_bytes=256 << 10)),
+    Case(
+        "zstd-bomb-ratio", _const(zstd(_ZEROS)), "big", limits=Limits(max_ratio=50, min_ratio_bytes=256 << 10)
+    ),
     Case("gzip-corrupt", _const(flip(gz(_NOISE), 3000)), ANY, limits=Limits()),
     Case("gzip-truncated", _const(gz(_NOISE)[:-2000]), ANY, limits=Limits()),
     Case("gzip-trailing-garbage", _const(gz(_NOISE) + b"garbage!"), ANY, limits=Limits()),

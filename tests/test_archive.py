@@ -89,7 +89,11 @@ def _corpus_params() -> list[object]:
         for fmt in fmts:
             root = case.needs_root or fmt is PRIVILEGED
             marks = [needs_root] if root else []
-            out.append(pytest.param(case, fmt, id=f"{case.id}-{'dev' if fmt.device_whiteouts else 'files'}", marks=marks))
+            out.append(
+                pytest.param(
+                    case, fmt, id=f"{case.id}-{'dev' if fmt.device_whiteouts else 'files'}", marks=marks
+                )
+            )
     return out
 
 
@@ -146,7 +150,9 @@ def describe(root: Path) -> dict[str, tuple[object, ...]]:
                 extra = os.readlink(p)
             elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
                 extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            xattrs = {n: os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False)}
+            xattrs = {
+                n: os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False)
+            }
             kind_name = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p",
                          stat.S_IFCHR: "c", stat.S_IFBLK: "b"}[kind]  # fmt: skip
             out[str(p.relative_to(root))] = (
@@ -189,8 +195,12 @@ def test_golden_every_kind(tmp_path: Path) -> None:
         fifo("run/fifo", mode=0o620),
         dev("dev/null", "c", 1, 3, mode=0o666),
         dev("dev/sda", "b", 8, 0, mode=0o660, gid=6),
-        reg("caps/ping", b"ping", mode=0o755,
-            pax={"SCHILY.xattr.security.capability": _x(CAP), "SCHILY.xattr.user.bin": _x(BIN)}),  # fmt: skip
+        reg(
+            "caps/ping",
+            b"ping",
+            mode=0o755,
+            pax={"SCHILY.xattr.security.capability": _x(CAP), "SCHILY.xattr.user.bin": _x(BIN)},
+        ),  # fmt: skip
         dir_("xd", pax={"SCHILY.xattr.user.dir": "x", "SCHILY.xattr.trusted.t": _x(BIN)}),
         reg("var/.wh..wh..opq"),
         reg("var/lib/x", b"x"),
@@ -266,7 +276,9 @@ def test_golden_every_kind(tmp_path: Path) -> None:
     # times: every explicit entry keeps its own; directories too, though children came later
     st = os.lstat(dest)
     assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o755, (T0 + 1) * 10**9)
-    for path in set(expected) - {"etc", "precise", "etc/shadow"} - (root_dirs - {"tmp", "xd", "opt", "fd", "dd"}):
+    for path in (
+        set(expected) - {"etc", "precise", "etc/shadow"} - (root_dirs - {"tmp", "xd", "opt", "fd", "dd"})
+    ):
         assert os.lstat(dest / path).st_mtime_ns == T0 * 10**9, path
     assert os.lstat(dest / "etc").st_mtime_ns == (T0 + 100) * 10**9
     assert os.lstat(dest / "home/user").st_mtime_ns == T0 * 10**9
@@ -366,7 +378,11 @@ def test_overlay_private_xattrs_never_enter(fmt: LayerFormat, tmp_path: Path) ->
     }
     dest = tmp_path / "dest"
     dest.mkdir()
-    apply(tar(dir_("d", pax={**private, "SCHILY.xattr.user.ok": "1"}), reg("f", b"f", pax=private)), dest, fmt=fmt)
+    apply(
+        tar(dir_("d", pax={**private, "SCHILY.xattr.user.ok": "1"}), reg("f", b"f", pax=private)),
+        dest,
+        fmt=fmt,
+    )
     for p in (dest / "d", dest / "f"):
         names = os.listxattr(p, follow_symlinks=False)
         assert not [n for n in names if whiteout.is_overlay_private_xattr(n)]
@@ -518,13 +534,20 @@ def test_lower_stack_order_matters(tmp_path: Path) -> None:
     apply(tar(reg("lib/x", b"x")), dest, lowers=[str(top), str(bottom)], fmt=UNPRIVILEGED_FILES)
     (tmp_path / "dest2").mkdir()
     with pytest.raises(UnsafeArchive, match="symlink in a lower layer"):
-        apply(tar(reg("lib/y", b"y")), tmp_path / "dest2", lowers=[str(bottom), str(top)], fmt=UNPRIVILEGED_FILES)
+        apply(
+            tar(reg("lib/y", b"y")),
+            tmp_path / "dest2",
+            lowers=[str(bottom), str(top)],
+            fmt=UNPRIVILEGED_FILES,
+        )
 
 
 # -- archive framing ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [b"\0" * 1024, b"\0" * 10240, b"\0" * 512], ids=["eof", "record", "lone-zero-block"])
+@pytest.mark.parametrize(
+    "data", [b"\0" * 1024, b"\0" * 10240, b"\0" * 512], ids=["eof", "record", "lone-zero-block"]
+)
 def test_empty_archives(data: bytes, tmp_path: Path) -> None:
     assert apply(data, tmp_path) == ApplyStats(0, 0)
     assert os.listdir(tmp_path) == []

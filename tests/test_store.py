@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from layerfs.store import Store
-from layerfs.union.view import LayerStack
 from tests import imagebuild as ib
 from tests.conftest import needs_root, needs_skopeo, needs_umoci
 from tests.tarbuild import tree_fingerprint, write_layer
@@ -301,7 +300,7 @@ def test_cli_errors_and_exit_codes(tmp_path: Path) -> None:
     assert r.returncode == 2
 
 
-def test_default_root_and_env(tmp_path: Path) -> None:
+def test_default_root_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"LAYERFS_ROOT": str(tmp_path / "via-env")}
     r = subprocess.run([sys.executable, "-m", "layerfs", "images"], capture_output=True, text=True,
                        env={**os.environ, **env})
@@ -309,8 +308,15 @@ def test_default_root_and_env(tmp_path: Path) -> None:
     assert (tmp_path / "via-env" / "meta.db").exists()
     assert stat.S_IMODE(os.stat(tmp_path / "via-env").st_mode) == 0o700
     from layerfs.store import default_root
-    os.environ.pop("LAYERFS_ROOT", None) if False else None
-    assert default_root().endswith("layerfs")
+
+    monkeypatch.delenv("LAYERFS_ROOT", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    if os.geteuid() == 0:
+        assert default_root() == "/var/lib/layerfs"
+    else:
+        assert default_root() == str(tmp_path / "xdg" / "layerfs")
+    monkeypatch.setenv("LAYERFS_ROOT", str(tmp_path / "x"))
+    assert default_root() == str(tmp_path / "x")
 
 
 def test_images_tree_golden_three_images_sharing_a_base(tmp_path: Path) -> None:

@@ -1,0 +1,76 @@
+"""Several processes on one store: concurrent imports sharing layers, with gc and fsck
+running beside them, leave a consistent store with every image whole. Progress output
+appears only on a terminal and never with -q."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+from layerfs.store import Store
+from tests.tarbuild import tree_fingerprint, write_layer
+
+
+def _cmd(root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "layerfs", "--root", str(root), "-q", *args]
+
+
+def test_concurrent_imports_gc_and_fsck(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    base = write_layer(str(tmp_path / "base.tar.gz"),
+                       {"d": None, **{f"d/f{i}": os.urandom(2000) for i in range(300)}}, "gzip")
+    tops = [write_layer(str(tmp_path / f"top{i}.tar"), {f"top{i}": os.urandom(5000)}) for i in range(4)]
+    procs = [subprocess.Popen(_cmd(root, "import-layer", base, t, "--name", f"img{i}:1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, t in enumerate(tops)]
+    side = [subprocess.run(_cmd(root, "gc"), capture_output=True, text=True, timeout=120),
+            subprocess.run(_cmd(root, "fsck"), capture_output=True, text=True, timeout=120)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert side[0].returncode == 0, side[0].stderr
+    with Store(str(root)) as s:
+        report = s.fsck(verify_blobs=True)
+        assert report.clean, [f.problem for f in report.findings]
+        images = {i.name: i for i in s.list_images()}
+        assert set(images) == {f"img{i}:1" for i in range(4)}
+        bases = {s.chain(i.top_chain_id)[-1].key for i in images.values()}
+        assert len(bases) == 1  # one base snapshot, however the imports raced
+        assert len(s.list_snapshots()) == 5
+        for i, img in enumerate(sorted(images)):
+            tree = tree_fingerprint(s.layer_dirs(images[img].top_chain_id))
+            assert f"top{i}" in tree and len([p for p in tree if p.startswith("d/")]) == 300
+
+
+def _stderr_on_pty(args: list[str]) -> str:
+    master, slave = pty.openpty()
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    p.wait(timeout=120)
+    os.close(master)
+    assert p.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_only_on_a_terminal(tmp_path: Path) -> None:
+    layer = write_layer(str(tmp_path / "l.tar.gz"), {"big": os.urandom(3 << 20)}, "gzip")
+    root = tmp_path / "store"
+    loud = [sys.executable, "-m", "layerfs", "--root", str(root)]
+    on_tty = _stderr_on_pty([*loud, "import-layer", layer, "--name", "a:1"])
+    assert "Copying" in on_tty and "MB" in on_tty
+    quiet = _stderr_on_pty([*loud, "-q", "import-layer", layer, "--name", "b:1"])
+    assert "Copying" not in quiet
+    piped = subprocess.run([*loud, "import-layer", layer, "--name", "c:1"], capture_output=True, text=True)
+    assert piped.returncode == 0 and "Copying" not in piped.stderr
