@@ -44,7 +44,7 @@ import logging
 import os
 import stat
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Self, cast
@@ -52,7 +52,7 @@ from typing import Self, cast
 from . import whiteout
 from .compression import Readable
 from .errors import UnsafeArchive
-from .union.view import LayerStack
+from .union.view import Entry, LayerStack
 from .whiteout import LayerFormat
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,10 @@ _KNOWN_TYPES = set(tarfile.REGULAR_TYPES) | {
     tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE,
 }  # fmt: skip
 _MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown
+# Longer names cannot be used through a path by anything in a container (PATH_MAX), and
+# deeper trees break every recursive tool, shutil.rmtree included.
+MAX_PATH_BYTES = 4095
+MAX_DEPTH = 512
 
 
 @dataclass
@@ -138,6 +142,11 @@ def _split(name: str, what: str, entry: str) -> list[str]:
         if len(os.fsencode(p)) > 255:
             raise UnsafeArchive(f"{what}: {entry!r}: a component of {name!r} is longer than 255 bytes", entry)
         parts.append(p)
+    if len(parts) > MAX_DEPTH or len(os.fsencode("/".join(parts))) > MAX_PATH_BYTES:
+        raise UnsafeArchive(
+            f"{what}: {entry!r}: {name!r} is deeper than {MAX_DEPTH} or longer than {MAX_PATH_BYTES} bytes",
+            entry,
+        )
     for p in parts[:-1]:
         if p.startswith(whiteout.WHITEOUT_PREFIX):
             raise UnsafeArchive(f"{what}: {entry!r}: whiteout name {p!r} used as a directory", entry)
@@ -180,7 +189,8 @@ class _Applier:
         self.union = LayerStack([dest, *lowers]) if lowers else None
         self.privileged = os.geteuid() == 0
         # path -> (mode, (atime_ns, mtime_ns)) of explicit directories, applied at the end
-        self.dirs: dict[str, tuple[int, tuple[int, int]]] = {}
+        self.dirs: dict[str, tuple[int, tuple[int, int], int]] = {}  # ... and the entry number
+        self.removed: dict[str, int] = {}  # directory path -> entry number that last removed it
         # the parent directory of the previous entry (tars list siblings together)
         self._cached: tuple[tuple[str, ...], int] | None = None
 
@@ -243,7 +253,7 @@ class _Applier:
             if not m.isdir():
                 raise self._err(name, "root entry is not a directory")
             self._owner_xattrs(self.root_fd, m)
-            self.dirs[""] = (m.mode & 0o7777, self._times(m))
+            self.dirs[""] = (m.mode & 0o7777, self._times(m), self.entries)
             return
         try:
             kind, target = whiteout.classify_tar_name(parts[-1])
@@ -275,11 +285,27 @@ class _Applier:
         return fd
 
     def _walk(self, parts: list[str], entry: str, *, create: bool) -> int:
-        """Open the directory ``parts`` (no symlink followed); the caller closes the fd."""
+        """Open the directory ``parts`` of this layer (no symlink followed), creating missing
+        components if ``create``; the caller closes the fd."""
         fd = os.dup(self.root_fd)
+        below: Iterator[Entry | None] | None = None  # the union's entries for the next prefixes
         try:
-            for i in range(len(parts)):
-                nfd = self._step(fd, parts[: i + 1], entry, create)
+            for i, name in enumerate(parts):
+                try:
+                    nfd = os.open(name, _DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    path = "/".join(parts[: i + 1])
+                    if not create:
+                        raise self._err(entry, f"{path!r} does not exist in this layer") from None
+                    if self._file_whiteout(fd, name, remove=True):
+                        nfd = self._mkdir_implicit(fd, name, opaque=True)
+                    else:
+                        if below is None:
+                            below = self._union_from(parts, i)
+                        self._check_lower(next(below, None), path, entry)
+                        nfd = self._mkdir_implicit(fd, name, opaque=False)
+                except OSError as e:
+                    nfd = self._not_a_directory(fd, parts[: i + 1], entry, create, e)
                 os.close(fd)
                 fd = nfd
         except BaseException:
@@ -287,42 +313,40 @@ class _Applier:
             raise
         return fd
 
-    def _step(self, fd: int, prefix: list[str], entry: str, create: bool) -> int:
-        name, path = prefix[-1], "/".join(prefix)
-        try:
-            return os.open(name, _DIR, dir_fd=fd)
-        except FileNotFoundError:
-            if not create:
-                raise self._err(entry, f"{path!r} does not exist in this layer") from None
-        except OSError as e:
-            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
-                raise
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if create and whiteout.is_whiteout_stat(st):
-                os.unlink(name, dir_fd=fd)  # a directory replacing a whiteout: opaque
-                return self._mkdir_implicit(fd, name, opaque=True)
-            what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-            raise self._err(entry, f"parent {path!r} is {what} in this layer") from None
-        if self._file_whiteout(fd, name, remove=True):
-            return self._mkdir_implicit(fd, name, opaque=True)
-        self._check_lower(prefix, entry)
-        return self._mkdir_implicit(fd, name, opaque=False)
+    def _union_from(self, parts: list[str], i: int) -> Iterator[Entry | None]:
+        """The union's entries for ``parts[:i+1]``, ``parts[:i+2]``, ... (this layer over the
+        lowers), each computed from the one before so a deep name costs one pass. An entry
+        is computed before its directory is created here, so it shows what the lowers have."""
+        if self.union is None:
+            return iter(())
+        view = self.union.lookup_parents("/".join([*parts, "-"]))  # proper prefixes = parts
+        for _ in range(i):
+            next(view, None)  # present here as directories: nothing to check
+        return view
 
-    def _check_lower(self, prefix: list[str], entry: str) -> None:
+    def _not_a_directory(self, fd: int, prefix: list[str], entry: str, create: bool, e: OSError) -> int:
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise e
+        name, path = prefix[-1], "/".join(prefix)
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if create and whiteout.is_whiteout_stat(st):
+            os.unlink(name, dir_fd=fd)  # a directory replacing a whiteout: opaque
+            return self._mkdir_implicit(fd, name, opaque=True)
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise self._err(entry, f"parent {path!r} is {what} in this layer") from None
+
+    def _check_lower(self, found: Entry | None, path: str, entry: str) -> None:
         """Refuse to create a directory where the lower layers show a non-directory: the
         image means to write through a symlink planted in an earlier layer."""
-        if self.union is None:
+        if found is None or found.is_dir:
             return
-        found = self.union.lookup("/".join(prefix))
-        if found is not None and not found.is_dir:
-            path = "/".join(prefix)
-            if stat.S_ISLNK(found.st.st_mode):
-                raise self._err(
-                    entry,
-                    f"parent {path!r} is a symlink in a lower layer; writing through it would "
-                    "escape the layer (or change what the link points at)",
-                )
-            raise self._err(entry, f"parent {path!r} is not a directory in a lower layer")
+        if stat.S_ISLNK(found.st.st_mode):
+            raise self._err(
+                entry,
+                f"parent {path!r} is a symlink in a lower layer; writing through it would "
+                "escape the layer (or change what the link points at)",
+            )
+        raise self._err(entry, f"parent {path!r} is not a directory in a lower layer")
 
     def _mkdir_implicit(self, fd: int, name: str, *, opaque: bool) -> int:
         os.mkdir(name, 0o755, dir_fd=fd)
@@ -366,7 +390,7 @@ class _Applier:
             # The cached fd is ``parent`` itself (the cache always holds the current
             # entry's parent), never something inside the tree that goes.
             whiteout.remove_tree_at(parent, name)
-            self.dirs = {p: v for p, v in self.dirs.items() if p != path and not p.startswith(path + "/")}
+            self.removed[path] = self.entries  # its recorded metadata (and its children's) is void
         else:
             os.unlink(name, dir_fd=parent)
 
@@ -384,7 +408,7 @@ class _Applier:
                         self._owner_xattrs(fd, m)
                     finally:
                         os.close(fd)
-                    self.dirs[path] = (m.mode & 0o7777, self._times(m))
+                    self.dirs[path] = (m.mode & 0o7777, self._times(m), self.entries)
                     return
                 over_whiteout = whiteout.is_whiteout_stat(st)
                 self._replace(parent, name, path, st)
@@ -437,7 +461,7 @@ class _Applier:
                 whiteout.set_opaque(fd, self.fmt)
         finally:
             os.close(fd)
-        self.dirs[path] = (m.mode & 0o7777, self._times(m))
+        self.dirs[path] = (m.mode & 0o7777, self._times(m), self.entries)
 
     def _regular(self, tf: tarfile.TarFile, parent: int, name: str, m: tarfile.TarInfo) -> None:
         fd = os.open(
@@ -563,8 +587,11 @@ class _Applier:
         """Directory modes and times, deepest first, once nothing is created in them."""
         self._invalidate()
         for path in sorted(self.dirs, key=lambda p: p.count("/") + bool(p), reverse=True):
-            mode, times = self.dirs[path]
-            fd = self._walk(path.split("/") if path else [], path, create=False)
+            mode, times, seq = self.dirs[path]
+            parts = path.split("/") if path else []
+            if any(self.removed.get("/".join(parts[: i + 1]), -1) > seq for i in range(len(parts))):
+                continue  # removed (with an ancestor, maybe) after it was recorded
+            fd = self._walk(parts, path, create=False)
             try:
                 os.chmod(fd, mode)
                 os.utime(fd, ns=times)
@@ -575,21 +602,33 @@ class _Applier:
         """Apparent size of the regular files now in the layer, each inode once."""
         seen: set[int] = set()
         total = 0
-        # Directories are listed by path and reopened one component at a time, so any
-        # depth works with two fds open.
-        pending: list[list[str]] = [[]]
-        while pending:
-            parts = pending.pop()
-            fd = self._walk(parts, "/".join(parts), create=False)
-            try:
+        # Depth first with one fd: down by name, back up by '..' (only reads).
+        pending: list[list[str]] = []  # per level, the subdirectories still to visit
+        fd = os.dup(self.root_fd)
+        try:
+            while True:
+                subdirs = []
                 with os.scandir(fd) as it:
                     for e in it:
                         st = e.stat(follow_symlinks=False)
                         if stat.S_ISDIR(st.st_mode):
-                            pending.append([*parts, e.name])
+                            subdirs.append(e.name)
                         elif stat.S_ISREG(st.st_mode) and st.st_ino not in seen:
                             seen.add(st.st_ino)
                             total += st.st_size
-            finally:
-                os.close(fd)
-        return total
+                pending.append(subdirs)
+                while pending and not pending[-1]:
+                    pending.pop()
+                    if pending:
+                        fd = self._reopen(fd, "..")
+                if not pending:
+                    return total
+                fd = self._reopen(fd, pending[-1].pop())
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _reopen(fd: int, name: str) -> int:
+        nfd = os.open(name, _DIR, dir_fd=fd)
+        os.close(fd)
+        return nfd

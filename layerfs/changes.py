@@ -89,8 +89,7 @@ def _join(parent: str, name: str) -> str:
 
 def _entry_path(stack: LayerStack, entry: Entry) -> str:
     """The real path of the layer file that provides ``entry``."""
-    layer = stack.layers[entry.layer]
-    return os.path.join(layer, entry.path) if entry.path else layer
+    return stack.real_path(entry)
 
 
 def _lower_child(stack: LayerStack, parent: Entry, name: str) -> Entry | None:

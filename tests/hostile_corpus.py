@@ -29,8 +29,17 @@ T0 = 1_600_000_000  # default mtime of built entries
 Entry = tuple[tarfile.TarInfo, bytes | None]
 
 
-def _ti(name: str, type_: bytes, *, mode: int, uid: int = 0, gid: int = 0, mtime: float = T0,
-        linkname: str = "", pax: dict[str, str] | None = None) -> tarfile.TarInfo:  # fmt: skip
+def _ti(
+    name: str,
+    type_: bytes,
+    *,
+    mode: int,
+    uid: int = 0,
+    gid: int = 0,
+    mtime: float = T0,
+    linkname: str = "",
+    pax: dict[str, str] | None = None,
+) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.type, ti.mode, ti.uid, ti.gid, ti.mtime, ti.linkname = type_, mode, uid, gid, mtime, linkname
     if pax:
@@ -177,9 +186,18 @@ def snapshot(root: Path, exclude: Path) -> dict[str, tuple[object, ...]]:
             )
         )
         out[str(p.relative_to(root))] = (
-            st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-            st.st_nlink, st.st_ino, st.st_rdev, extra, xattrs,
-        )  # fmt: skip
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_nlink,
+            st.st_ino,
+            st.st_rdev,
+            extra,
+            xattrs,
+        )
         if stat.S_ISDIR(st.st_mode):
             for child in sorted(os.listdir(p)):
                 if p / child != exclude:
@@ -282,12 +300,12 @@ CASES: list[Case] = [
         "gnu-longname-dotdot",
         _const(tar(reg(_long(120) + "/../../outside/victim", b"pwned"), fmt=tarfile.GNU_FORMAT)),
         _long(120) + "/../../outside/victim",
-    ),  # fmt: skip
+    ),
     Case(
         "pax-longname-dotdot",
         _const(tar(reg(_long(150) + "/../../outside/victim", b"pwned"))),
         _long(150) + "/../../outside/victim",
-    ),  # fmt: skip
+    ),
     Case("device-dotdot", _const(tar(dev("../outside/null"))), "../outside/null", needs_root=True),
     Case("fifo-dotdot", _const(tar(fifo("../outside/pipe"))), "../outside/pipe"),
     Case("symlink-named-dotdot", _const(tar(sym("../outside/link", "/etc/passwd"))), "../outside/link"),
@@ -308,17 +326,17 @@ CASES: list[Case] = [
         "symlink-to-root-write-through",
         lambda sb: tar(sym("s", "/"), reg(f"s{sb.outside}/victim", b"pwned")),
         lambda sb: f"s{sb.outside}/victim",
-    ),  # fmt: skip
+    ),
     Case(
         "symlink-to-dotdot-write-through",
         _const(tar(sym("s", ".."), reg("s/outside/victim", b"pwned"))),
         "s/outside/victim",
-    ),  # fmt: skip
+    ),
     Case(
         "symlink-absolute-write-through",
         lambda sb: tar(sym("s", str(sb.outside)), reg("s/victim", b"pwned")),
         "s/victim",
-    ),  # fmt: skip
+    ),
     Case(
         "symlink-chain",
         _const(tar(sym("a", "b"), sym("b", "../outside"), reg("a/victim", b"pwned"))),
@@ -329,7 +347,7 @@ CASES: list[Case] = [
         "dir-replaced-by-symlink",
         _const(tar(dir_("d"), sym("d", "../outside"), reg("d/victim", b"pwned"))),
         "d/victim",
-    ),  # fmt: skip
+    ),
     Case("symlink-then-dir-entry-through-it", _const(tar(sym("s", "../outside"), dir_("s/dir"))), "s/dir"),
     Case(
         "symlink-then-chmod-through-it",
@@ -340,14 +358,14 @@ CASES: list[Case] = [
         "symlink-then-symlink-through-it",
         _const(tar(sym("s", "../outside"), sym("s/victim", "/etc/shadow"))),
         "s/victim",
-    ),  # fmt: skip
+    ),
     Case("symlink-then-fifo-through-it", _const(tar(sym("s", "../outside"), fifo("s/pipe"))), "s/pipe"),
     Case(
         "symlink-then-device-through-it",
         _const(tar(sym("s", "../outside"), dev("s/null"))),
         "s/null",
         needs_root=True,
-    ),  # fmt: skip
+    ),
     # -- hardlinks ---------------------------------------------------------------------------
     Case("hardlink-dotdot", _const(tar(hard("h", "../outside/victim"))), "h"),
     Case("hardlink-absolute-outside", lambda sb: tar(hard("h", f"{sb.outside}/victim")), "h"),
@@ -359,12 +377,12 @@ CASES: list[Case] = [
         "hardlink-to-symlink-then-write-through",
         _const(tar(sym("s", "../outside"), hard("h", "s"), reg("h/victim", b"pwned"))),
         "h/victim",
-    ),  # fmt: skip
+    ),
     Case(
         "hardlink-dst-through-symlink",
         _const(tar(sym("s", "../outside"), reg("f", b"x"), hard("s/victim", "f"))),
         "s/victim",
-    ),  # fmt: skip
+    ),
     Case("hardlink-to-whiteout", _const(tar(reg(".wh.x"), hard("h", "x"))), "h"),
     Case("hardlink-to-whiteout-name", _const(tar(reg(".wh.x"), hard("h", ".wh.x"))), "h"),
     Case("hardlink-to-itself", _const(tar(reg("a", b"x"), hard("a", "a"))), "a"),
@@ -375,7 +393,7 @@ CASES: list[Case] = [
         "gnu-longlink-dotdot",
         _const(tar(hard("h", _long(120) + "/../../outside/victim"), fmt=tarfile.GNU_FORMAT)),
         "h",
-    ),  # fmt: skip
+    ),
     Case("nul-in-linkname", _const(tar(sym("s", "x", pax={"linkpath": "a\0b"}))), "s"),
     Case("symlink-target-too-long", _const(tar(sym("s", "x/" * 3000))), "s"),
     # -- whiteouts and opaque markers --------------------------------------------------------
@@ -416,19 +434,19 @@ CASES: list[Case] = [
         _const(tar(reg("etc/.wh.victim"))),
         "etc/.wh.victim",
         lower=_lower_etc_symlink,
-    ),  # fmt: skip
+    ),
     Case(
         "lower-symlink-opaque-through",
         _const(tar(reg("etc/.wh..wh..opq"))),
         "etc/.wh..wh..opq",
         lower=_lower_etc_symlink,
-    ),  # fmt: skip
+    ),
     Case(
         "lower-nested-symlink",
         _const(tar(reg("usr/lib/victim", b"pwned"))),
         "usr/lib/victim",
         lower=_lower_nested_symlink,
-    ),  # fmt: skip
+    ),
     Case(
         "lower-absolute-symlink",
         _const(tar(reg("opt/victim", b"pwned"))),

@@ -56,7 +56,7 @@ def tree_fingerprint(layers: list[str]) -> dict[str, tuple]:
     out: dict[str, tuple] = {}
     stack = LayerStack(layers)
     for e in stack.walk():
-        full = os.path.join(stack.layers[e.layer], e.path)
+        full = stack.real_path(e)
         extra: object = None
         if os.path.islink(full):
             extra = os.readlink(full)

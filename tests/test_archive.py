@@ -153,11 +153,23 @@ def describe(root: Path) -> dict[str, tuple[object, ...]]:
             xattrs = {
                 n: os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False)
             }
-            kind_name = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFIFO: "p",
-                         stat.S_IFCHR: "c", stat.S_IFBLK: "b"}[kind]  # fmt: skip
+            kind_name = {
+                stat.S_IFREG: "f",
+                stat.S_IFDIR: "d",
+                stat.S_IFLNK: "l",
+                stat.S_IFIFO: "p",
+                stat.S_IFCHR: "c",
+                stat.S_IFBLK: "b",
+            }[kind]
             out[str(p.relative_to(root))] = (
-                kind_name, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_nlink, extra, xattrs,
-            )  # fmt: skip
+                kind_name,
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                st.st_nlink,
+                extra,
+                xattrs,
+            )
     return out
 
 
@@ -200,7 +212,7 @@ def test_golden_every_kind(tmp_path: Path) -> None:
             b"ping",
             mode=0o755,
             pax={"SCHILY.xattr.security.capability": _x(CAP), "SCHILY.xattr.user.bin": _x(BIN)},
-        ),  # fmt: skip
+        ),
         dir_("xd", pax={"SCHILY.xattr.user.dir": "x", "SCHILY.xattr.trusted.t": _x(BIN)}),
         reg("var/.wh..wh..opq"),
         reg("var/lib/x", b"x"),
@@ -226,8 +238,22 @@ def test_golden_every_kind(tmp_path: Path) -> None:
     p = os.lstat(dest / "precise")  # before describe() reads it (and relatime moves atime)
     assert (p.st_mtime_ns, p.st_atime_ns) == (1600000000123456789, 1500000000500000000)
     tree = describe(dest)
-    root_dirs = {"etc", "home", "home/user", "bin", "tmp", "run", "dev", "caps", "xd", "var", "var/lib", "opt",
-                 "fd", "dd"}  # fmt: skip
+    root_dirs = {
+        "etc",
+        "home",
+        "home/user",
+        "bin",
+        "tmp",
+        "run",
+        "dev",
+        "caps",
+        "xd",
+        "var",
+        "var/lib",
+        "opt",
+        "fd",
+        "dd",
+    }
     opq = {"trusted.overlay.opaque": b"y"}
     expected = {
         "etc": ("d", 0o755, 0, 0, 2, None, {}),
@@ -282,8 +308,22 @@ def test_golden_every_kind(tmp_path: Path) -> None:
         assert os.lstat(dest / path).st_mtime_ns == T0 * 10**9, path
     assert os.lstat(dest / "etc").st_mtime_ns == (T0 + 100) * 10**9
     assert os.lstat(dest / "home/user").st_mtime_ns == T0 * 10**9
-    unique = [b"root:x:0:0\n", b"PS1=$\n", b"\x7fELF", b"su", b"wall", b"ping", b"x", b"a", b"two", b"c",
-              b"file last", b"k", b"p", BIG]  # fmt: skip
+    unique = [
+        b"root:x:0:0\n",
+        b"PS1=$\n",
+        b"\x7fELF",
+        b"su",
+        b"wall",
+        b"ping",
+        b"x",
+        b"a",
+        b"two",
+        b"c",
+        b"file last",
+        b"k",
+        b"p",
+        BIG,
+    ]
     assert stats == ApplyStats(entries=40, size=sum(map(len, unique)))
 
 
@@ -444,8 +484,18 @@ def test_implicit_parents_are_0755_root(tmp_path: Path) -> None:
 def test_directory_times_are_set_last(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
-    apply(tar(dir_("a", mtime=T0 + 1), dir_("a/b", mtime=T0 + 2), reg("a/b/c", b"c"), reg("a/b/.wh.gone"),
-              dir_("a", mtime=T0 + 3), reg("a/late", b"l")), dest, fmt=UNPRIVILEGED_FILES)  # fmt: skip
+    apply(
+        tar(
+            dir_("a", mtime=T0 + 1),
+            dir_("a/b", mtime=T0 + 2),
+            reg("a/b/c", b"c"),
+            reg("a/b/.wh.gone"),
+            dir_("a", mtime=T0 + 3),
+            reg("a/late", b"l"),
+        ),
+        dest,
+        fmt=UNPRIVILEGED_FILES,
+    )
     assert os.lstat(dest / "a").st_mtime_ns == (T0 + 3) * 10**9
     assert os.lstat(dest / "a/b").st_mtime_ns == (T0 + 2) * 10**9
 
@@ -453,8 +503,11 @@ def test_directory_times_are_set_last(tmp_path: Path) -> None:
 def test_readonly_directory_still_filled(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
-    apply(tar(dir_("ro", mode=0o555), reg("ro/f", b"f"), dir_("ro/sub", mode=0o500), reg("ro/sub/g", b"g")), dest,
-          fmt=UNPRIVILEGED_FILES)  # fmt: skip
+    apply(
+        tar(dir_("ro", mode=0o555), reg("ro/f", b"f"), dir_("ro/sub", mode=0o500), reg("ro/sub/g", b"g")),
+        dest,
+        fmt=UNPRIVILEGED_FILES,
+    )
     assert (dest / "ro/sub/g").read_bytes() == b"g"
     assert stat.S_IMODE(os.lstat(dest / "ro").st_mode) == 0o555
     os.chmod(dest / "ro", 0o755)  # let tmp_path cleanup in when not root
@@ -576,8 +629,11 @@ def test_gnu_and_ustar_formats(tmp_path: Path) -> None:
         dest = tmp_path / str(i)
         dest.mkdir()
         name = long if fmt != tarfile.USTAR_FORMAT else "d" * 80 + "/" + "e" * 80
-        apply(tar(reg(name, b"x"), sym("l", "t" * 200 if fmt != tarfile.USTAR_FORMAT else "t"), fmt=fmt), dest,
-              fmt=UNPRIVILEGED_FILES)  # fmt: skip
+        apply(
+            tar(reg(name, b"x"), sym("l", "t" * 200 if fmt != tarfile.USTAR_FORMAT else "t"), fmt=fmt),
+            dest,
+            fmt=UNPRIVILEGED_FILES,
+        )
         assert (dest / name).read_bytes() == b"x"
 
 
@@ -596,8 +652,18 @@ def test_sparse_files_keep_holes(tmp_path: Path) -> None:
 
 
 def test_stats_count_each_inode_once(tmp_path: Path) -> None:
-    data = tar(reg("a", b"12345"), hard("b", "a"), hard("c", "b"), reg("d", b"xx"), reg("d", b"yyy"), dir_("e"),
-               reg("e/f", b"1"), reg("e", b"22"), sym("s", "a"), reg(".wh.gone"))  # fmt: skip
+    data = tar(
+        reg("a", b"12345"),
+        hard("b", "a"),
+        hard("c", "b"),
+        reg("d", b"xx"),
+        reg("d", b"yyy"),
+        dir_("e"),
+        reg("e/f", b"1"),
+        reg("e", b"22"),
+        sym("s", "a"),
+        reg(".wh.gone"),
+    )
     assert apply(data, tmp_path, fmt=UNPRIVILEGED_FILES) == ApplyStats(entries=10, size=5 + 3 + 2)
 
 
