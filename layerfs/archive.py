@@ -1,39 +1,38 @@
-"""Safe application of an OCI layer tar to a layer directory.
+"""Safe application of an OCI layer tar (image-spec ``layer.md``) to a layer directory.
 
-This module owns the translation from a layer tar (image-spec ``layer.md``) to the overlayfs
-on-disk format of ``layerfs.whiteout``:
+This module owns the translation of a layer tar into the overlayfs on-disk format of
+``layerfs.whiteout``:
 
-- ``.wh.NAME`` becomes a whiteout of NAME (``whiteout.make_whiteout``), ``.wh..wh..opq``
-  makes its directory opaque (``whiteout.set_opaque``), wherever in the tar they appear.
-  A whiteout only hides lower layers: over an entry of this layer it does nothing, except
-  that a directory becomes opaque. An entry after a whiteout of its name replaces it; a
-  directory that replaces a whiteout is opaque (the lower directory was deleted). A 0/0
-  character device entry is a whiteout already and is written as one in the store's format.
-- PAX ``SCHILY.xattr.NAME`` records become xattrs, byte for byte; overlay-private names
-  (``trusted.overlay.*``, ``user.overlay.*``) are dropped: they never enter the store.
-- Owners (numeric), modes with setuid/setgid/sticky, nanosecond mtimes, symlinks (targets
-  verbatim), hardlinks, fifos, device nodes and sparse files (holes kept) are reproduced.
-  Directories get their mode and times after the last entry, deepest first.
+- ``.wh.NAME`` whites NAME out, ``.wh..wh..opq`` makes its directory opaque, wherever they
+  appear in the tar. A whiteout only hides lower layers: over an entry of this layer it does
+  nothing, except that a directory becomes opaque. An entry after a whiteout of its name
+  replaces it; a directory replacing a whiteout is opaque (the lower one was deleted). A 0/0
+  character device entry is a whiteout already, written in the store's format.
+- PAX ``SCHILY.xattr.NAME`` records become xattrs byte for byte, except overlay-private
+  names (``trusted.overlay.*``, ``user.overlay.*``), which never enter the store.
+- Numeric owners, modes with setuid/setgid/sticky, ns times, symlinks (targets verbatim),
+  hardlinks, fifos, devices and sparse files (holes kept) are reproduced; directories get
+  their mode and times after the last entry, deepest first. Duplicates: the last one wins.
 
-Safety rules (the caller deletes ``dest`` on error, but nothing outside it is ever touched):
+Safety (the caller deletes ``dest`` on error; nothing outside it is ever touched):
 
-- Names are normalised (``./``, ``/`` and empty components dropped, absolute = relative to
-  the layer root); ``..``, NUL, components over 255 bytes and ``.wh.*`` directory components
-  are refused.
-- Every path is walked from the layer root one component at a time with
-  ``O_DIRECTORY|O_NOFOLLOW``: a symlink or non-directory in a parent position is an error.
-  Missing parents are created (0755 root:root) unless the union of the lower layers has a
-  non-directory there (a symlink planted in one layer, written through in the next).
+- Names are normalised (``./``, ``/``, empty components dropped: absolute means relative to
+  the layer root); ``..``, NUL, components over 255 bytes, paths over ``MAX_PATH_BYTES`` or
+  ``MAX_DEPTH`` and ``.wh.*`` directory components are refused.
+- Paths are walked from the layer root a component at a time with ``O_DIRECTORY|O_NOFOLLOW``:
+  a symlink or non-directory in a parent position is an error. Missing parents are created
+  (0755 root:root) unless the lower layers show a non-directory there (a symlink planted in
+  one layer and written through in the next).
 - Hardlink targets must be non-directory, non-whiteout entries already in this layer.
-- Headers are checked strictly: a bad checksum, a cut header or data, garbage after a zero
-  block are errors (``tarfile`` alone would end the archive there without a word). A stream
-  that ends exactly on a header boundary without end-of-archive blocks is accepted, as Go's
-  ``archive/tar`` (and so containerd) accepts it; the diffID check catches a cut blob.
+- Headers are checked strictly: a bad checksum, a cut header or data, data after a zero
+  block are errors (``tarfile`` alone ends the archive there silently). A stream ending on a
+  header boundary without end-of-archive blocks is accepted, as Go's ``archive/tar`` (and so
+  containerd) accepts it; the diffID check is what catches a cut blob.
 
-Every error is ``UnsafeArchive`` (or ``LimitExceeded`` from the decompressor) with ``entry``
-set to the tar member name, except errors of the machine itself (ENOSPC, EIO, ...), which
-propagate as ``OSError``. Device nodes need root; without it they are skipped with a warning
-and ownership that cannot be set is left, as containerd does in a user namespace.
+Errors are ``UnsafeArchive`` (``LimitExceeded`` from the decompressor) naming the tar member in
+the message and in ``entry``; errors of the machine (ENOSPC, EIO, ...) propagate as
+``OSError``. Without root, device nodes are skipped and owners left, as containerd does in a
+user namespace.
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ log = logging.getLogger(__name__)
 
 BUFSIZE = 1 << 20  # regular files are copied in chunks of this size
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _XATTR_PREFIX = "SCHILY.xattr."
 # errors of the machine, not of the archive: reported as they are
 _ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
@@ -96,9 +96,9 @@ def apply_layer(
     applier = _Applier(root_fd, dest, lowers, fmt, what)
     try:
         applier.run(tar_stream)
-        return ApplyStats(applier.entries, applier.tree_size())
+        return ApplyStats(applier.entries, applier.size)
     finally:
-        applier.close()
+        applier.release()
         os.close(root_fd)
 
 
@@ -168,15 +168,6 @@ def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def _write_all(fd: int, data: bytes, offset: int | None = None) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
-        view = view[n:]
-        if offset is not None:
-            offset += n
-
-
 class _Applier:
     """One application of one tar; holds the open layer root and what is deferred."""
 
@@ -185,7 +176,8 @@ class _Applier:
         self.fmt = fmt
         self.what = what
         self.entries = 0
-        # the union as it stands: this layer over the lowers (to look through missing parents)
+        self.size = 0
+        # this layer over the lowers: what a missing parent would be created over
         self.union = LayerStack([dest, *lowers]) if lowers else None
         self.privileged = os.geteuid() == 0
         # path -> (mode, (atime_ns, mtime_ns)) of explicit directories, applied at the end
@@ -194,20 +186,13 @@ class _Applier:
         # the parent directory of the previous entry (tars list siblings together)
         self._cached: tuple[tuple[str, ...], int] | None = None
 
-    def close(self) -> None:
-        self._invalidate()
-
-    def _invalidate(self) -> None:
+    def release(self) -> None:
         if self._cached is not None:
             os.close(self._cached[1])
             self._cached = None
 
     def _err(self, entry: str, msg: str) -> UnsafeArchive:
         return UnsafeArchive(f"{self.what}: {entry!r}: {msg}", entry)
-
-    def _reason(self, e: UnsafeArchive) -> str:
-        """The part of an ``_err`` message after the entry name."""
-        return str(e).removeprefix(f"{self.what}: {e.entry!r}: ")
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -223,6 +208,7 @@ class _Applier:
                 self.entries += 1
                 self._member(tf, member)
                 in_header = True
+            self.size = self.tree_size()  # before the directory times: listing moves atimes
             self._finish_dirs()
         except UnsafeArchive as e:
             if e.entry is None and current is not None:  # from the decompressor, mid-member
@@ -231,16 +217,13 @@ class _Applier:
         except (tarfile.TarError, EOFError) as e:
             where = "" if current is None else f" {'after' if in_header else 'in'} entry {current!r}"
             raise UnsafeArchive(f"{self.what}: corrupt or truncated tar{where}: {e}", current) from e
-        except OSError as e:
-            if e.errno in _ENVIRONMENT or current is None:
+        except (OSError, ValueError, OverflowError) as e:  # ValueError: a NUL in a link target
+            if current is None or getattr(e, "errno", None) in _ENVIRONMENT:
                 raise
-            raise self._err(
-                current, os.strerror(e.errno or 0) + (f" ({e.filename})" if e.filename else "")
-            ) from e
-        except (ValueError, OverflowError) as e:
-            if current is None:
-                raise
-            raise self._err(current, str(e)) from e
+            msg = str(e)
+            if isinstance(e, OSError) and e.errno:
+                msg = os.strerror(e.errno) + (f" ({e.filename})" if e.filename else "")
+            raise self._err(current, msg) from e
 
     def _member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         name = m.name
@@ -280,7 +263,7 @@ class _Applier:
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         fd = self._walk(parts, entry, create=True)
-        self._invalidate()
+        self.release()
         self._cached = (key, fd)
         return fd
 
@@ -314,9 +297,8 @@ class _Applier:
         return fd
 
     def _union_from(self, parts: list[str], i: int) -> Iterator[Entry | None]:
-        """The union's entries for ``parts[:i+1]``, ``parts[:i+2]``, ... (this layer over the
-        lowers), each computed from the one before so a deep name costs one pass. An entry
-        is computed before its directory is created here, so it shows what the lowers have."""
+        """The union's entries for ``parts[:i+1]``, ``parts[:i+2]``, ..., each computed from the
+        one before (a deep name costs one pass) and before its directory is created here."""
         if self.union is None:
             return iter(())
         view = self.union.lookup_parents("/".join([*parts, "-"]))  # proper prefixes = parts
@@ -338,15 +320,11 @@ class _Applier:
     def _check_lower(self, found: Entry | None, path: str, entry: str) -> None:
         """Refuse to create a directory where the lower layers show a non-directory: the
         image means to write through a symlink planted in an earlier layer."""
-        if found is None or found.is_dir:
-            return
-        if stat.S_ISLNK(found.st.st_mode):
-            raise self._err(
-                entry,
-                f"parent {path!r} is a symlink in a lower layer; writing through it would "
-                "escape the layer (or change what the link points at)",
-            )
-        raise self._err(entry, f"parent {path!r} is not a directory in a lower layer")
+        if found is not None and stat.S_ISLNK(found.st.st_mode):
+            why = "a symlink in a lower layer; writing through it would escape the layer it points into"
+            raise self._err(entry, f"parent {path!r} is {why}")
+        if found is not None and not found.is_dir:
+            raise self._err(entry, f"parent {path!r} is not a directory in a lower layer")
 
     def _mkdir_implicit(self, fd: int, name: str, *, opaque: bool) -> int:
         os.mkdir(name, 0o755, dir_fd=fd)
@@ -438,7 +416,8 @@ class _Applier:
         try:
             fd = self._walk(parts[:-1], m.name, create=False)
         except UnsafeArchive as e:
-            raise self._err(m.name, f"hardlink target {m.linkname!r}: {self._reason(e)}") from None
+            reason = str(e).removeprefix(f"{self.what}: {m.name!r}: ")
+            raise self._err(m.name, f"hardlink target {m.linkname!r}: {reason}") from None
         try:
             st = _lstat(fd, parts[-1])
             if st is None:
@@ -464,16 +443,13 @@ class _Applier:
         self.dirs[path] = (m.mode & 0o7777, self._times(m), self.entries)
 
     def _regular(self, tf: tarfile.TarFile, parent: int, name: str, m: tarfile.TarInfo) -> None:
-        fd = os.open(
-            name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent
-        )
+        fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
         try:
             if m.sparse is not None:
                 self._copy_sparse(tf, m, fd)
             else:
                 self._copy(tf, m, fd, [(None, m.size)])
-            # Content first, then owner (chown clears setuid and security.capability), then
-            # mode, xattrs, times.
+            # content, owner (chown clears setuid and security.capability), mode, xattrs, times
             self._chown(fd, m)
             os.chmod(fd, m.mode & 0o7777)
             self._xattrs(fd, m)
@@ -489,13 +465,13 @@ class _Applier:
         assert src is not None
         for offset, length in regions:
             while length:
-                chunk = src.read(min(length, BUFSIZE))
-                if not chunk:
+                view = memoryview(src.read(min(length, BUFSIZE)))
+                if not view:
                     raise tarfile.ReadError("unexpected end of data")
-                _write_all(fd, chunk, offset)
-                length -= len(chunk)
-                if offset is not None:
-                    offset += len(chunk)
+                while view:
+                    n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+                    view, length = view[n:], length - n
+                    offset = None if offset is None else offset + n
 
     def _copy_sparse(self, tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int) -> None:
         """Write only the data regions and leave holes: a sparse member's logical size can
@@ -585,7 +561,7 @@ class _Applier:
 
     def _finish_dirs(self) -> None:
         """Directory modes and times, deepest first, once nothing is created in them."""
-        self._invalidate()
+        self.release()
         for path in sorted(self.dirs, key=lambda p: p.count("/") + bool(p), reverse=True):
             mode, times, seq = self.dirs[path]
             parts = path.split("/") if path else []

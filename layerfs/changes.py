@@ -35,7 +35,7 @@ import xxhash
 from . import whiteout
 from .digest import ALGORITHM, Digest
 from .errors import FailedPrecondition, UnsafeArchive
-from .union.view import Entry, LayerStack
+from .union.view import Entry, LayerStack, redirect_of
 
 ADDED = "A"
 CHANGED = "C"
@@ -115,9 +115,10 @@ def layer_changes(layer_dir: str, lowers: Sequence[str]) -> list[Change]:
       kernel stops merging at the opaque one), so they hide their lower children as well.
     """
     stack = LayerStack(lowers)
+    merged = LayerStack([layer_dir, *lowers])
     changes: list[Change] = []
     root_lower = stack.root()
-    _walk_layer_dir(stack, layer_dir, "", root_lower, whiteout.is_opaque(layer_dir), changes)
+    _walk_layer_dir(stack, layer_dir, "", root_lower, whiteout.is_opaque(layer_dir), changes, merged)
     return sorted(changes)
 
 
@@ -128,6 +129,7 @@ def _walk_layer_dir(
     lower: Entry | None,
     hides_lower: bool,
     changes: list[Change],
+    merged: LayerStack,
 ) -> bool:
     """Report the children of the layer directory ``dirpath`` (union path ``relpath``).
 
@@ -168,13 +170,21 @@ def _walk_layer_dir(
         if not stat.S_ISDIR(st.st_mode):
             changes.append(Change(_abs(child_rel), ADDED if below is None else CHANGED))
             continue
+        if redirect_of(child_path) is not None:
+            # A lower directory renamed here (overlayfs redirect_dir): the new path and
+            # everything now under it are new; the old path is a whiteout, reported above.
+            changes.append(Change(_abs(child_rel), ADDED if below is None else CHANGED))
+            entry = merged.lookup(child_rel)
+            if entry is not None:
+                changes.extend(Change(_abs(e.path), ADDED) for e in merged.walk(entry))
+            continue
         if below is None or not below.is_dir:
             changes.append(Change(_abs(child_rel), ADDED if below is None else CHANGED))
-            _walk_layer_dir(stack, child_path, child_rel, None, False, changes)
+            _walk_layer_dir(stack, child_path, child_rel, None, False, changes, merged)
             continue
         opaque = whiteout.is_opaque(child_path)
         child_hides = hides_lower or opaque
-        hid_some = _walk_layer_dir(stack, child_path, child_rel, below, child_hides, changes)
+        hid_some = _walk_layer_dir(stack, child_path, child_rel, below, child_hides, changes, merged)
         if opaque or hid_some or _dir_meta_differs(st, child_path, below.st, _entry_path(stack, below)):
             changes.append(Change(_abs(child_rel), CHANGED))
     return hides_lower and reported_delete
@@ -198,8 +208,13 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def write_layer_tar(layer_dir: str, out: BinaryIO) -> None:
+def write_layer_tar(layer_dir: str, out: BinaryIO, lowers: Sequence[str] = ()) -> None:
     """Write the OCI layer tar of ``layer_dir`` to ``out`` (format: see the module docstring).
+
+    ``lowers`` (top first) are needed for an upper written by overlayfs with
+    ``redirect_dir=on``: a renamed lower directory is a directory with a ``redirect`` xattr
+    whose content lives partly in the lowers. OCI has no rename, so it is written whole —
+    the directory, an opaque marker, and its merged content — at its new path.
 
     ``out`` only needs ``write``: a pipe or stdout will do. Same tree, same bytes: nothing
     depends on listing order, inode numbers, atime, the clock or the user database.
@@ -220,15 +235,16 @@ def write_layer_tar(layer_dir: str, out: BinaryIO) -> None:
             root_st = os.fstat(root_fd)
             if whiteout.is_opaque(_fd_path(root_fd)):
                 tar.addfile(_marker_info(whiteout.OPAQUE_MARKER, root_st))
-            _TarWriter(tar).write_dir(root_fd, "")
+            stack = LayerStack([layer_dir, *lowers]) if lowers else None
+            _TarWriter(tar, stack).write_dir(root_fd, "")
     finally:
         os.close(root_fd)
 
 
-def layer_tar_digest(layer_dir: str) -> tuple[Digest, int]:
+def layer_tar_digest(layer_dir: str, lowers: Sequence[str] = ()) -> tuple[Digest, int]:
     """The sha256 diffID and the size of what ``write_layer_tar`` writes for ``layer_dir``."""
     sink = _HashingSink()
-    write_layer_tar(layer_dir, sink)  # type: ignore[arg-type]  # only write() is used
+    write_layer_tar(layer_dir, sink, lowers)  # type: ignore[arg-type]  # only write() is used
     return Digest(f"{ALGORITHM}:{sink.hash.hexdigest()}"), sink.size
 
 
@@ -276,8 +292,9 @@ def _valid_tar_marker(name: str) -> bool:
 class _TarWriter:
     """One tar export: walks directory fds and remembers hardlinked inodes."""
 
-    def __init__(self, tar: tarfile.TarFile) -> None:
+    def __init__(self, tar: tarfile.TarFile, merged: LayerStack | None = None) -> None:
         self.tar = tar
+        self.merged = merged  # the upper over its lowers, for redirected directories
         self.links: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) -> first tar name
 
     def write_dir(self, dir_fd: int, prefix: str) -> None:
@@ -318,11 +335,35 @@ class _TarWriter:
             info = self._info(path, fst, dir_fd, name)
             info.type = tarfile.DIRTYPE
             self.tar.addfile(info)
-            if whiteout.is_opaque(_fd_path(fd)):
+            redirected = self.merged is not None and redirect_of(_fd_path(fd)) is not None
+            if redirected or whiteout.is_opaque(_fd_path(fd)):
                 self.tar.addfile(_marker_info(f"{path}/{whiteout.OPAQUE_MARKER}", fst))
-            self.write_dir(fd, path + "/")
+            if redirected:
+                self._write_merged(path)
+            else:
+                self.write_dir(fd, path + "/")
         finally:
             os.close(fd)
+
+    def _write_merged(self, path: str) -> None:
+        """Everything visible below the union directory ``path``, from whichever layer has it."""
+        assert self.merged is not None
+        top = self.merged.lookup(path)
+        if top is None:
+            return
+        for entry in self.merged.walk(top):
+            real = self.merged.real_path(entry)
+            pfd = os.open(os.path.dirname(real), _DIR_FLAGS)
+            try:
+                name = os.path.basename(real)
+                if entry.is_dir:
+                    info = self._info(entry.path, entry.st, pfd, name)
+                    info.type = tarfile.DIRTYPE
+                    self.tar.addfile(info)
+                else:
+                    self._write_nondir(pfd, name, entry.path, entry.st)
+            finally:
+                os.close(pfd)
 
     def _write_nondir(self, dir_fd: int, name: str, path: str, st: os.stat_result) -> None:
         info = self._info(path, st, dir_fd, name)

@@ -25,10 +25,11 @@ import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Protocol, cast
+from typing import IO, cast
 
 import zstandard
 
+from .digest import Readable
 from .errors import InvalidArgument, LimitExceeded, UnsafeArchive
 
 CHUNK = 1 << 17  # compressed bytes read from the underlying stream at a time
@@ -38,12 +39,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 BZIP2_MAGIC = b"BZh"
 XZ_MAGIC = b"\xfd7zXZ\x00"
-
-
-class Readable(Protocol):
-    """What layerfs reads a stream through: ``read(n)`` returning at most ``n`` bytes."""
-
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 def _is_zstd_skippable(head: bytes) -> bool:

@@ -15,7 +15,7 @@ import tempfile
 from typing import BinaryIO
 
 from . import failpoint
-from .digest import Digest, VerifyingReader
+from .digest import Digest, Readable, VerifyingReader
 from .errors import NotFound
 
 CHUNK = 1 << 20
@@ -40,7 +40,7 @@ class Ingest:
     def __init__(
         self,
         content: ContentStore,
-        raw: BinaryIO,
+        raw: Readable,
         what: str,
         expected: Digest | None = None,
         expected_size: int | None = None,
@@ -130,7 +130,7 @@ class ContentStore:
             return f.read()
 
     def ingest(
-        self, raw: BinaryIO, what: str, expected: Digest | None = None, expected_size: int | None = None
+        self, raw: Readable, what: str, expected: Digest | None = None, expected_size: int | None = None
     ) -> Ingest:
         return Ingest(self, raw, what, expected, expected_size)
 

@@ -11,9 +11,16 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from typing import BinaryIO
+from typing import Protocol
 
 from .errors import DigestMismatch, InvalidArgument
+
+
+class Readable(Protocol):
+    """Anything with ``read(n)``: files, pipes, layerfs' own stream wrappers."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 ALGORITHM = "sha256"
@@ -76,7 +83,7 @@ class VerifyingReader:
 
     def __init__(
         self,
-        raw: BinaryIO,
+        raw: Readable,
         what: str,
         expected: Digest | None = None,
         expected_size: int | None = None,

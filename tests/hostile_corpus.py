@@ -315,6 +315,8 @@ CASES: list[Case] = [
         "a\0/../../outside/victim",
     ),
     Case("component-256-bytes", _const(tar(reg("d/" + _long(256), b"x"))), "d/" + _long(256)),
+    Case("too-deep", _const(tar(reg("/".join(["a"] * 513), b"x"))), "/".join(["a"] * 513)),
+    Case("path-too-long", _const(tar(reg("/".join(["b" * 200] * 21), b"x"))), "/".join(["b" * 200] * 21)),
     Case("component-256-bytes-utf8", _const(tar(reg("é" * 128, b"x"))), "é" * 128),
     # -- symlinks written through -----------------------------------------------------------
     Case(

@@ -16,7 +16,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, needs_root
+from conftest import needs_root
 from hostile_corpus import (
     ANY,
     CASES,
@@ -496,8 +496,39 @@ def test_directory_times_are_set_last(tmp_path: Path) -> None:
         dest,
         fmt=UNPRIVILEGED_FILES,
     )
-    assert os.lstat(dest / "a").st_mtime_ns == (T0 + 3) * 10**9
-    assert os.lstat(dest / "a/b").st_mtime_ns == (T0 + 2) * 10**9
+    for d, t in (("a", T0 + 3), ("a/b", T0 + 2)):
+        st = os.lstat(dest / d)
+        assert (st.st_mtime_ns, st.st_atime_ns) == (t * 10**9, t * 10**9)
+
+
+def test_metadata_of_removed_directories_is_forgotten(tmp_path: Path) -> None:
+    data = tar(
+        dir_("a/b", mode=0o700, mtime=T0 + 7),
+        reg("a", b"file"),  # removes a and a/b
+        dir_("a", mode=0o711),
+        reg("a/b/c", b"c"),  # a/b again, implicit this time: 0755, not the old 0700
+    )
+    apply(data, tmp_path, fmt=UNPRIVILEGED_FILES)
+    assert stat.S_IMODE(os.lstat(tmp_path / "a/b").st_mode) == 0o755
+    assert os.lstat(tmp_path / "a/b").st_mtime_ns != (T0 + 7) * 10**9
+    assert stat.S_IMODE(os.lstat(tmp_path / "a").st_mode) == 0o711
+
+
+def test_deep_names_with_lowers(tmp_path: Path) -> None:
+    lower, dest = tmp_path / "lower", tmp_path / "dest"
+    deep = "/".join(["d"] * 300)
+    (lower / deep).mkdir(parents=True)
+    (lower / deep / "s").symlink_to("/")
+    dest.mkdir()
+    apply(
+        tar(reg(deep + "/f", b"f"), reg(deep + "/t/g", b"g")),
+        dest,
+        lowers=[str(lower)],
+        fmt=UNPRIVILEGED_FILES,
+    )
+    assert (dest / deep / "t/g").read_bytes() == b"g"
+    with pytest.raises(UnsafeArchive, match="symlink in a lower layer"):
+        apply(tar(reg(deep + "/s/x", b"x")), dest, lowers=[str(lower)], fmt=UNPRIVILEGED_FILES)
 
 
 def test_readonly_directory_still_filled(tmp_path: Path) -> None:
@@ -680,11 +711,34 @@ def test_dest_must_be_a_directory(tmp_path: Path) -> None:
         apply(tar(reg("a")), tmp_path / "link")
 
 
-@pytest.mark.skipif(IS_ROOT, reason="tests the unprivileged fallbacks")
-def test_unprivileged_devices_skipped_and_owners_left(tmp_path: Path) -> None:  # pragma: no cover - non-root
-    apply(tar(dev("null"), reg("f", b"f", uid=0, gid=0)), tmp_path, fmt=UNPRIVILEGED_FILES)
+def test_unprivileged_devices_skipped_and_owners_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without root (simulated: EPERM from mknod and chown), devices are skipped and owners left."""
+
+    def eperm(*a: object, **kw: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "mknod", eperm)
+    monkeypatch.setattr(os, "chown", eperm)
+    stats = apply(tar(dev("null"), reg("f", b"f", uid=0, gid=0), fifo("p")), tmp_path, fmt=UNPRIVILEGED_FILES)
+    assert stats.entries == 3
     assert not (tmp_path / "null").exists()
-    assert os.lstat(tmp_path / "f").st_uid == os.geteuid()
+    assert (tmp_path / "f").read_bytes() == b"f" and (tmp_path / "p").is_fifo()
+
+
+@needs_root
+def test_root_entry_metadata(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    apply(
+        tar(reg("a", b"a"), dir_("./", mode=0o750, uid=1000, gid=1001, pax={"SCHILY.xattr.user.r": "1"})),
+        dest,
+    )
+    st = os.lstat(dest)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == (0o750, 1000, 1001, T0 * 10**9)
+    assert os.getxattr(dest, "user.r") == b"1"
 
 
 # -- compression -------------------------------------------------------------------------------
