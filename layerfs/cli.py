@@ -79,6 +79,6 @@ def emit_json(value: Any) -> None:
 
 
 def main() -> None:
-    from . import cli_images  # noqa: F401  (registers the image commands)
+    from . import cli_containers, cli_images  # noqa: F401  (register their commands)
 
     cli(prog_name="layerfs")

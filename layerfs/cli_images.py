@@ -40,14 +40,17 @@ def import_layer_cmd(ctx: Ctx, tars: tuple[str, ...], name: str, platform: str |
 
 @cli.command("rmi")
 @click.argument("refs", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Untag even if a container uses the image.")
 @pass_ctx
 @handle_errors
-def rmi_cmd(ctx: Ctx, refs: tuple[str, ...]) -> None:
+def rmi_cmd(ctx: Ctx, refs: tuple[str, ...], force: bool) -> None:
     """Remove images, then the layers and blobs no other image needs."""
+    from . import mounting
     from .images import normalize_ref
 
     names = [normalize_ref(r) for r in refs]
-    layers, blobs = ctx.store.remove_images(names)
+    mounting.records(ctx.store)  # drop stale mount records: they must not pin layers
+    layers, blobs = ctx.store.remove_images(names, force=force)
     for n in names:
         click.echo(f"Untagged: {n}")
     for layer in layers:
@@ -60,6 +63,9 @@ def rmi_cmd(ctx: Ctx, refs: tuple[str, ...]) -> None:
 @handle_errors
 def gc_cmd(ctx: Ctx) -> None:
     """Drop layers and blobs that no image needs."""
+    from . import mounting
+
+    mounting.records(ctx.store)  # drop stale mount records: they must not pin layers
     layers, blobs = ctx.store.gc()
     for layer in layers:
         click.echo(f"Deleted layer: {layer}")
@@ -134,9 +140,16 @@ def history_cmd(ctx: Ctx, ref: str, fmt: str, no_trunc: bool) -> None:
 @pass_ctx
 @handle_errors
 def diff_cmd(ctx: Ctx, ref: str, other: str | None, fmt: str, no_trunc: bool) -> None:
-    """REF: what each layer adds (A), changes (C), deletes (D). REF OTHER: compare two images' trees."""
+    """REF: what each layer adds (A), changes (C), deletes (D); a container: its changes.
+    REF OTHER: compare two images' trees."""
     from . import catalog, inspect
 
+    from . import containers
+
+    c = containers.find(ctx.store, ref) if other is None else None
+    if c is not None:  # a container: its changes, read from its upper, like docker diff
+        emit(inspect.render_changes([(ch.kind, ch.path) for ch in containers.diff(ctx.store, c)], fmt=fmt))
+        return
     a = catalog.resolve_image(ctx.store, ref)
     if other is None:
         emit(inspect.render_layer_diffs(catalog.layer_diffs(ctx.store, a), fmt=fmt, no_trunc=no_trunc))

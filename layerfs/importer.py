@@ -288,6 +288,13 @@ def import_layers(
     return import_resolved(store, img, [ref], progress=progress, limits=limits)
 
 
+def hash_stream(f: Any) -> Digest:
+    """sha256 of everything left in a stream."""
+    r = VerifyingReader(f, "stream")
+    r.drain()
+    return r.digest
+
+
 def read_json_blob(store: Store, digest: Digest) -> Any:
     with store.content.open(digest) as f:
         return json.load(io.TextIOWrapper(f, "utf-8"))

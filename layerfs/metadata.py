@@ -14,6 +14,12 @@ Owns the schema of ``meta.db`` (WAL mode). Tables:
 - ``images(name, manifest_digest, config_digest, top_chain_id, created_ns)`` and
   ``image_blobs(name, digest)``: an image is a name pointing at a manifest; its blobs are
   listed so gc needs no JSON parsing.
+- ``containers(name, image, manifest_digest, config_digest, snapshot_id)``: a writable
+  container is an active snapshot over its image's top layer; the image's manifest and
+  config are kept (for commit) even if the image name is removed.
+- ``mounts(target, snapshot_key, backend, readonly, pid, boot_id)``: what layerfs mounted,
+  so rmi/gc refuse to remove layers in use. ``snapshot_key`` is a container's active
+  snapshot or an image's top ChainID; a record from another boot is stale.
 
 All writes go through ``Metadata.transaction()`` (``BEGIN IMMEDIATE``), so several processes
 may use one store: SQLite serialises writers and the WAL lets readers go on.
@@ -64,6 +70,23 @@ CREATE TABLE IF NOT EXISTS images (
     top_chain_id TEXT,
     created_ns INTEGER NOT NULL,
     updated_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS containers (
+    name TEXT PRIMARY KEY,
+    image TEXT NOT NULL,
+    manifest_digest TEXT NOT NULL,
+    config_digest TEXT NOT NULL,
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id),
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mounts (
+    target TEXT PRIMARY KEY,
+    snapshot_key TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    readonly INTEGER NOT NULL,
+    pid INTEGER,
+    boot_id TEXT NOT NULL,
+    created_ns INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS image_blobs (
     name TEXT NOT NULL REFERENCES images(name) ON DELETE CASCADE,

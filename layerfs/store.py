@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from . import failpoint, whiteout
 from .content import ContentStore, Ingest, fsync_dir
 from .digest import Digest
-from .errors import AlreadyExists, InUse, NotFound, StoreError
+from .errors import AlreadyExists, FailedPrecondition, InUse, NotFound, StoreError
 from .metadata import Metadata, now_ns
 
 IMAGE_LAYER_LABEL = "layerfs.io/image-layer"
@@ -246,6 +246,55 @@ class Store:
         os.rename(staging, target)
         return target
 
+    def create_active(self, key: str, parent: Digest | None, kind: str = "active") -> Snapshot:
+        """A new active (writable) or view snapshot over the committed ``parent``.
+
+        Its directory holds ``fs/`` (the upper, mode 0755) and ``work/`` (overlay's workdir).
+        """
+        if kind not in ("active", "view"):
+            raise ValueError(kind)
+        staging = self.new_staging()
+        os.mkdir(os.path.join(staging, "work"), 0o700)
+        ts = now_ns()
+        try:
+            with self.meta.transaction() as db:
+                if db.execute("SELECT 1 FROM snapshots WHERE key=?", (key,)).fetchone():
+                    raise AlreadyExists(f"snapshot {key} already exists")
+                parent_id = None
+                if parent is not None:
+                    row = db.execute("SELECT id, kind FROM snapshots WHERE key=?", (parent,)).fetchone()
+                    if row is None:
+                        raise NotFound(f"parent snapshot {parent} not found")
+                    parent_id = row["id"]
+                cur = db.execute(
+                    "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns) VALUES (?, ?, ?, ?, ?)",
+                    (key, kind, parent_id, ts, ts),
+                )
+                sid = int(cur.lastrowid or 0)
+                self._place(staging, sid)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self.snapshot_by_id(sid)
+
+    def remove_snapshot(self, key: str) -> None:
+        """Remove a snapshot that has no children and is not mounted (files deleted after commit)."""
+        with self.meta.transaction() as db:
+            row = db.execute("SELECT id FROM snapshots WHERE key=?", (key,)).fetchone()
+            if row is None:
+                raise NotFound(f"snapshot {key} not found")
+            if db.execute("SELECT 1 FROM snapshots WHERE parent_id=?", (row["id"],)).fetchone():
+                raise FailedPrecondition(f"snapshot {key} has children")
+            m = db.execute("SELECT target FROM mounts WHERE snapshot_key=?", (key,)).fetchone()
+            if m is not None:
+                raise InUse(f"snapshot {key} is mounted at {m['target']}")
+            db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (row["id"],))
+            db.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
+        shutil.rmtree(self.snapshot_dir(row["id"]), ignore_errors=True)
+
+    def work_dir(self, sid: int) -> str:
+        return os.path.join(self.snapshot_dir(sid), "work")
+
     # -- blobs ---------------------------------------------------------------------------
     def blob(self, digest: Digest) -> BlobRecord | None:
         row = self.meta.db.execute("SELECT * FROM blobs WHERE digest=?", (digest,)).fetchone()
@@ -358,10 +407,21 @@ class Store:
                 "FROM images WHERE name=?", (target, now_ns(), img.name))
             db.execute("INSERT INTO image_blobs SELECT ?, digest FROM image_blobs WHERE name=?", (target, img.name))
 
-    def remove_images(self, names: Sequence[str]) -> tuple[list[Digest], list[Digest]]:
-        """Untag images, then collect layers and blobs no image needs (like ``docker rmi``)."""
+    def remove_images(self, names: Sequence[str], force: bool = False) -> tuple[list[Digest], list[Digest]]:
+        """Untag images, then collect layers and blobs no image needs (like ``docker rmi``).
+
+        Refused for an image that is mounted, and (unless ``force``) for one a container was
+        created from; a forced removal keeps the layers the container stands on.
+        """
         for name in names:
-            self.get_image(name)
+            img = self.get_image(name)
+            m = self.meta.db.execute("SELECT target FROM mounts WHERE snapshot_key=?",
+                                     (str(img.top_chain_id),)).fetchone()
+            if m is not None:
+                raise InUse(f"image {name} is mounted at {m['target']}; unmount it first")
+            c = self.meta.db.execute("SELECT name FROM containers WHERE image=?", (name,)).fetchone()
+            if c is not None and not force:
+                raise InUse(f"image {name} is used by container {c['name']} (remove it, or use --force)")
         with self.exclusive_lock():
             with self.meta.transaction() as db:
                 for name in names:
@@ -377,6 +437,9 @@ class Store:
         needed: set[int] = set()
         starts = [r["id"] for r in db.execute(
             "SELECT s.id FROM snapshots s JOIN images i ON i.top_chain_id = s.key")]
+        # Mounted image views keep their chains (rmi of a mounted image untags it only).
+        starts += [r["id"] for r in db.execute(
+            "SELECT s.id FROM snapshots s JOIN mounts m ON m.snapshot_key = s.key")]
         # Every snapshot that is not an image layer (containers, snapshotter clients) is a root too.
         starts += [r["id"] for r in db.execute(
             "SELECT id FROM snapshots WHERE id NOT IN (SELECT snapshot_id FROM snapshot_labels WHERE k=?)",
@@ -406,6 +469,8 @@ class Store:
                 dirs.append(self.snapshot_dir(row["id"]))
             for row in db.execute(
                 "SELECT digest FROM blobs WHERE digest NOT IN (SELECT digest FROM image_blobs)"
+                " AND digest NOT IN (SELECT manifest_digest FROM containers)"
+                " AND digest NOT IN (SELECT config_digest FROM containers)"
             ).fetchall():
                 db.execute("DELETE FROM blobs WHERE digest=?", (row["digest"],))
                 removed_blobs.append(Digest(row["digest"]))
@@ -418,7 +483,7 @@ class Store:
         return removed_layers, removed_blobs
 
     def _check_not_mounted_hook(self) -> None:
-        """Mount records arrive with the kernel backend; nothing is mounted before that."""
+        """Mounted chains are gc roots (see ``_needed_snapshot_ids``): nothing mounted is removed."""
 
     # -- usage ---------------------------------------------------------------------------
     def blob_usage(self) -> tuple[int, int]:

@@ -1,0 +1,155 @@
+"""Mounting images and containers from the store, and the records of what is mounted.
+
+The store and containers *describe* mounts (``MountSpec``); this module asks the backend in
+``layerfs/mount/`` to execute them and records each one in the ``mounts`` table, so that
+``rmi``/``gc``/``rm`` refuse to remove what is in use.
+
+Record lifecycle: the record is committed *before* the mount syscall and deleted if the
+mount fails, so a crash can leave a record without a mount but never a layerfs mount
+without a record. A record is *stale* when it was made in another boot
+(``/proc/sys/kernel/random/boot_id`` differs) or its target is no longer a mount point;
+stale records are dropped whenever records are listed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import containers
+from .errors import AlreadyExists, InvalidArgument, NotFound, Unsupported
+from .metadata import now_ns
+from .mountspec import MountSpec
+from .store import Image, Store
+
+BACKENDS = ("auto", "kernel", "fuse")
+# kernel overlayfs options for writable containers: renaming a directory that comes from
+# a lower layer must work (redirect_dir=on records it as a redirect xattr that
+# changes.py understands); no inode index, so uppers stay portable between mounts.
+CONTAINER_OPTIONS = ("redirect_dir=on", "index=off")
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    target: str
+    snapshot_key: str
+    backend: str
+    readonly: bool
+    pid: int | None
+    boot_id: str
+    created_ns: int
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def _mount_points() -> set[str]:
+    from .mount.probe import mount_table
+
+    return {m.mount_point for m in mount_table()}
+
+
+def records(store: Store, prune: bool = True) -> list[MountRecord]:
+    """Live mount records; stale ones are dropped (with ``prune``)."""
+    rows = store.meta.db.execute("SELECT * FROM mounts ORDER BY target").fetchall()
+    live: list[MountRecord] = []
+    stale: list[MountRecord] = []
+    if rows:
+        points, boot = _mount_points(), boot_id()
+        for r in rows:
+            rec = MountRecord(r["target"], r["snapshot_key"], r["backend"], bool(r["readonly"]), r["pid"],
+                              r["boot_id"], r["created_ns"])
+            (live if rec.boot_id == boot and rec.target in points else stale).append(rec)
+    if prune and stale:
+        with store.meta.transaction() as db:
+            db.executemany("DELETE FROM mounts WHERE target=?", [(r.target,) for r in stale])
+    return live
+
+
+def image_spec(store: Store, img: Image, *, dev: bool = False, suid: bool = False) -> MountSpec:
+    """A read-only view of an image: nodev,nosuid unless asked (it is for inspection)."""
+    lowers = store.layer_dirs(img.top_chain_id)
+    if not lowers:
+        raise InvalidArgument(f"image {img.name} has no layers: nothing to mount")
+    extra = [o for o, keep in (("nodev", not dev), ("nosuid", not suid)) if keep]
+    spec = MountSpec.overlay(lowers, readonly=True)
+    return MountSpec(spec.type, spec.source, (*spec.options, *extra))
+
+
+def container_spec(store: Store, c: containers.Container) -> MountSpec:
+    lowers = containers.lowers(store, c)
+    upper = containers.upper(store, c)
+    if not lowers:  # an image with no layers: the upper is the whole tree
+        return MountSpec.bind(upper, readonly=False)
+    return MountSpec.overlay(lowers, upper, store.work_dir(c.snapshot.id), extra=CONTAINER_OPTIONS)
+
+
+def _choose_backend(backend: str, spec: MountSpec) -> str:
+    if backend not in BACKENDS:
+        raise InvalidArgument(f"unknown backend {backend!r} (auto, kernel or fuse)")
+    if backend == "fuse":
+        raise Unsupported("the FUSE backend (layerfs-fuse) is not available in this version yet; use --backend kernel")
+    from .mount.probe import probe
+
+    info = probe()
+    if spec.type == "overlay" and not info.overlay_available:
+        raise Unsupported(f"kernel overlayfs is not available here ({info.why.get('overlay_available', '')})")
+    return "kernel"
+
+
+def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend: str = "auto") -> MountRecord:
+    """Mount ``spec`` on ``target`` and record it under ``snapshot_key``."""
+    from .mount import kernel
+
+    target = os.path.realpath(target)
+    if not os.path.isdir(target):
+        raise NotFound(f"mount point {target} does not exist or is not a directory")
+    chosen = _choose_backend(backend, spec)
+    records(store)  # drop stale records first, so a stale one does not block this target
+    rec = MountRecord(target, snapshot_key, chosen, spec.readonly, None, boot_id(), now_ns())
+    with store.meta.transaction() as db:
+        if db.execute("SELECT 1 FROM mounts WHERE target=?", (target,)).fetchone():
+            raise AlreadyExists(f"{target} already has a layerfs mount")
+        db.execute("INSERT INTO mounts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (rec.target, rec.snapshot_key, rec.backend, int(rec.readonly), rec.pid, rec.boot_id,
+                    rec.created_ns))
+    try:
+        kernel.mount(spec, target)
+    except BaseException:
+        with store.meta.transaction() as db:
+            db.execute("DELETE FROM mounts WHERE target=?", (target,))
+        raise
+    return rec
+
+
+def mount_ref(store: Store, name: str, target: str, backend: str = "auto", *, dev: bool = False,
+              suid: bool = False) -> MountRecord:
+    """``layerfs mount NAME``: a container read-write, or an image read-only."""
+    from .catalog import resolve_image
+
+    c = containers.find(store, name)
+    if c is not None:
+        return mount(store, container_spec(store, c), c.key, target, backend)
+    img = resolve_image(store, name)
+    return mount(store, image_spec(store, img, dev=dev, suid=suid), str(img.top_chain_id), target, backend)
+
+
+def umount(store: Store, target: str, detach: bool = False) -> MountRecord:
+    from .mount import kernel
+
+    path = os.path.realpath(target)
+    row = store.meta.db.execute("SELECT * FROM mounts WHERE target=?", (path,)).fetchone()
+    if row is None:
+        raise NotFound(f"{target} is not mounted by layerfs")
+    rec = MountRecord(row["target"], row["snapshot_key"], row["backend"], bool(row["readonly"]), row["pid"],
+                      row["boot_id"], row["created_ns"])
+    if path in _mount_points():
+        kernel.unmount(path, detach=detach)
+    with store.meta.transaction() as db:
+        db.execute("DELETE FROM mounts WHERE target=?", (path,))
+    return rec
