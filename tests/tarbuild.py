@@ -1,7 +1,7 @@
 """Small builders for layer tars used by the store tests.
 
 ``layer_tar(path, files)`` writes a tar where ``files`` maps names to bytes (a file), None
-(a directory), ``("symlink", target)``, ``("whiteout",)`` (written as ``.wh.NAME``) or
+(a directory), ``("exec", bytes)`` (a 0755 file), ``("symlink", target)``, ``("whiteout",)`` (written as ``.wh.NAME``) or
 ``("opaque",)`` (the ``.wh..wh..opq`` marker inside the named directory).
 """
 
@@ -29,6 +29,8 @@ def layer_bytes(files: dict[str, object], mtime: int = 1_700_000_000) -> bytes:
                 ti.type, ti.mode = tarfile.DIRTYPE, 0o755
             elif isinstance(val, bytes):
                 ti.size, ti.mode, data = len(val), 0o644, io.BytesIO(val)
+            elif val[0] == "exec":
+                ti.size, ti.mode, data = len(val[1]), 0o755, io.BytesIO(val[1])
             elif val[0] == "symlink":
                 ti.type, ti.linkname = tarfile.SYMTYPE, str(val[1])
             elif val[0] == "whiteout":
