@@ -52,7 +52,7 @@ def mounts_cmd(ctx: Ctx, fmt: str) -> None:
         emit_json([{"target": r.target, "snapshot": r.snapshot_key, "backend": r.backend,
                     "readonly": r.readonly} for r in recs])
         return
-    rows = [("MOUNTPOINT", "BACKEND", "MODE", "SNAPSHOT")]
+    rows: list[tuple[str, ...]] = [("MOUNTPOINT", "BACKEND", "MODE", "SNAPSHOT")]
     rows += [(r.target, r.backend, "ro" if r.readonly else "rw", r.snapshot_key) for r in recs]
     emit(_table(rows))
 

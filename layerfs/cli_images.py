@@ -142,9 +142,7 @@ def history_cmd(ctx: Ctx, ref: str, fmt: str, no_trunc: bool) -> None:
 def diff_cmd(ctx: Ctx, ref: str, other: str | None, fmt: str, no_trunc: bool) -> None:
     """REF: what each layer adds (A), changes (C), deletes (D); a container: its changes.
     REF OTHER: compare two images' trees."""
-    from . import catalog, inspect
-
-    from . import containers
+    from . import catalog, containers, inspect
 
     c = containers.find(ctx.store, ref) if other is None else None
     if c is not None:  # a container: its changes, read from its upper, like docker diff

@@ -1,0 +1,475 @@
+"""What this kernel and a store's filesystem let the kernel overlay backend do.
+
+``probe()`` runs once per process (``functools.cache``; tests call ``probe.cache_clear()``)
+and answers with a ``KernelInfo``; ``backing_fs(path)`` checks one store directory and
+answers with a ``BackingFS``. Both carry ``why``: one sentence per field saying how it was
+decided, for error messages ("kernel overlay unusable: ...").
+
+The probes act rather than guess from version numbers wherever acting is cheap: they open
+an overlay fs context and feed it a ``lowerdir+`` to see whether the kernel takes it, they
+list a directory with getdents64 to see real d_type values, they set the very xattrs
+overlayfs would set. None of them mounts anything.
+
+This module also owns the Linux primitives the kernel backend shares with the probes:
+the libc handle, the arch's syscall numbers, the fs-context calls of the new mount API
+(``FsContext``) and the ``/proc/self/mountinfo`` parser (``mount_table``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+OVL_MAX_STACK = 500  # fs/overlayfs/params.h: the most lower layers one overlay may have
+CAP_SYS_ADMIN = 21
+
+# The new mount API got one number on every architecture (asm-generic, x86_64 included);
+# getdents64 predates that and differs.
+_GENERIC = {"open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432}
+_SYSCALLS: dict[str, dict[str, int]] = {
+    "x86_64": {**_GENERIC, "getdents64": 217},
+    "aarch64": {**_GENERIC, "getdents64": 61},
+}
+
+FSOPEN_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
+FSCONFIG_CMD_CREATE = 6
+# fsconfig() copies FSCONFIG_SET_STRING values with strndup_user(value, 256): 255 bytes max
+FSCONFIG_MAX_STRING = 255
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+libc.unshare.argtypes = [ctypes.c_int]
+
+
+def syscall_number(name: str) -> int:
+    """The number of ``name`` on this machine; OSError(ENOSYS) on an architecture we lack."""
+    table = _SYSCALLS.get(platform.machine())
+    if table is None:
+        raise OSError(errno.ENOSYS, f"layerfs knows no syscall numbers for {platform.machine()}")
+    return table[name]
+
+
+def syscall(name: str, *args: object) -> int:
+    """Call a raw syscall by name; raises OSError with the errno on failure."""
+    result = int(libc.syscall(ctypes.c_long(syscall_number(name)), *args))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def check(result: int, what: str = "") -> int:
+    """Turn a libc ``-1`` return into OSError(errno)."""
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{os.strerror(err)}{': ' + what if what else ''}")
+    return result
+
+
+class FsContext:
+    """An fs context of the new mount API (``fsopen``), closed on exit.
+
+    Lifecycle: ``FsContext(fstype)`` → ``set_*`` per parameter → ``create()`` → the caller
+    passes ``fd`` to ``fsmount``. Every failing call leaves the kernel's explanation in the
+    context's log; ``messages()`` drains it (lines like ``e overlay: Unknown parameter 'x'``).
+    Overlayfs reports many failures (missing layer, too few lowers) only to dmesg, so the
+    log may be empty.
+    """
+
+    def __init__(self, fstype: str) -> None:
+        self.fstype = fstype
+        self.fd = syscall("fsopen", fstype.encode(), FSOPEN_CLOEXEC)
+
+    def __enter__(self) -> FsContext:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def set_flag(self, key: str) -> None:
+        syscall("fsconfig", self.fd, FSCONFIG_SET_FLAG, key.encode(), None, 0)
+
+    def set_string(self, key: str, value: str) -> None:
+        data = value.encode()
+        if len(data) > FSCONFIG_MAX_STRING:
+            raise OSError(errno.ENAMETOOLONG, f"fsconfig strings are limited to {FSCONFIG_MAX_STRING} bytes")
+        syscall("fsconfig", self.fd, FSCONFIG_SET_STRING, key.encode(), data, 0)
+
+    def set_fd(self, key: str, fd: int) -> None:
+        syscall("fsconfig", self.fd, FSCONFIG_SET_FD, key.encode(), None, fd)
+
+    def create(self) -> None:
+        syscall("fsconfig", self.fd, FSCONFIG_CMD_CREATE, None, None, 0)
+
+    def messages(self) -> list[str]:
+        out: list[str] = []
+        while self.fd >= 0:
+            try:
+                line = os.read(self.fd, 4096)
+            except OSError:  # ENODATA: log empty
+                break
+            if not line:
+                break
+            out.append(line.decode(errors="replace").strip())
+        return out
+
+
+# --- /proc/self/mountinfo ---------------------------------------------------------------
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def unoctal(field_text: str) -> str:
+    """Decode mountinfo's octal escapes (``\\040`` space, ``\\011`` tab, ``\\012``, ``\\134``)."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field_text)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo, unescaped (see proc(5))."""
+
+    mount_id: int
+    parent_id: int
+    dev: tuple[int, int]
+    root: str
+    mount_point: str
+    options: tuple[str, ...]
+    fs_type: str
+    source: str
+    super_options: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, line: str) -> MountEntry:
+        left, sep, right = line.rstrip("\n").partition(" - ")
+        fields = left.split(" ")
+        rest = right.split(" ")
+        if not sep or len(fields) < 6 or len(rest) < 3:
+            raise ValueError(f"unparsable mountinfo line: {line!r}")
+        major, _, minor = fields[2].partition(":")
+        return cls(
+            mount_id=int(fields[0]),
+            parent_id=int(fields[1]),
+            dev=(int(major), int(minor)),
+            root=unoctal(fields[3]),
+            mount_point=unoctal(fields[4]),
+            options=tuple(fields[5].split(",")),
+            fs_type=rest[0],
+            source=unoctal(rest[1]),
+            # split before decoding: a ',' inside a value is shown as \054
+            super_options=tuple(unoctal(o) for o in " ".join(rest[2:]).split(",")),
+        )
+
+
+def mount_table() -> list[MountEntry]:
+    """The calling process' mounts, in the kernel's order (a parent before its children)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [MountEntry.parse(line) for line in f if line.strip()]
+
+
+# --- the kernel -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """What the running kernel offers the overlay backend. ``why[field]`` says how we know."""
+
+    kernel_release: str
+    overlay_available: bool
+    privileged: bool
+    userns_overlay: bool
+    needs_userxattr: bool
+    lowerdir_plus: bool
+    layers_via_fd: bool
+    redirect_dir: bool
+    max_layers: int = OVL_MAX_STACK
+    why: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def explain(self) -> str:
+        """Every field with its reason, one per line (for ``layerfs info`` and bug reports)."""
+        return "\n".join(f"{k}: {getattr(self, k)} ({v})" for k, v in self.why.items())
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """``(major, minor)`` of a release string like ``6.18.44-fc-v509``."""
+    m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _filesystems() -> set[str]:
+    with open("/proc/filesystems", encoding="ascii") as f:
+        return {line.split()[-1] for line in f if line.strip()}
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _initial_userns() -> bool:
+    """Whether we run in the initial user namespace (identity uid map over all 2^32 ids)."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
+@functools.cache
+def probe() -> KernelInfo:
+    """Probe the kernel once per process. Never raises for a missing feature: it says False."""
+    why: dict[str, str] = {}
+    release = os.uname().release
+    version = kernel_version(release)
+    why["kernel_release"] = "os.uname()"
+
+    available = "overlay" in _filesystems()
+    if available:
+        why["overlay_available"] = "overlay is listed in /proc/filesystems"
+    else:
+        # fsopen() resolves the type with get_fs_type(), which loads the module on demand
+        try:
+            FsContext("overlay").close()
+            available = True
+            why["overlay_available"] = "fsopen('overlay') loaded the overlay module"
+        except OSError as e:
+            why["overlay_available"] = (
+                f"overlay is not in /proc/filesystems and fsopen('overlay') failed: {e.strerror}"
+            )
+
+    in_init_ns = _initial_userns()
+    has_admin = bool(_effective_caps() >> CAP_SYS_ADMIN & 1)
+    privileged = os.geteuid() == 0 and has_admin and in_init_ns
+    why["privileged"] = (
+        f"euid {os.geteuid()}, CAP_SYS_ADMIN {'present' if has_admin else 'absent'}, "
+        f"{'initial' if in_init_ns else 'a child'} user namespace"
+        + ("" if in_init_ns else " (trusted.* xattrs and 0/0 whiteouts need the initial one)")
+    )
+    userns = version >= (5, 11)
+    why["userns_overlay"] = (
+        f"kernel {version[0]}.{version[1]} {'>=' if userns else '<'} 5.11 (FS_USERNS_MOUNT for overlay)"
+    )
+    why["needs_userxattr"] = (
+        "not privileged: overlay keeps its xattrs in user.overlay.*"
+        if not privileged
+        else "privileged: overlay uses trusted.overlay.*"
+    )
+
+    lowerdir_plus, layers_via_fd = False, False
+    if available:
+        lowerdir_plus, layers_via_fd, why["lowerdir_plus"], why["layers_via_fd"] = _probe_lowerdir_plus()
+    else:
+        why["lowerdir_plus"] = why["layers_via_fd"] = "overlay not available"
+
+    redirect = os.path.exists("/sys/module/overlay/parameters/redirect_dir")
+    if redirect:
+        why["redirect_dir"] = "/sys/module/overlay/parameters/redirect_dir exists"
+    elif available:
+        redirect, why["redirect_dir"] = _probe_parameter("redirect_dir", "on")
+    else:
+        why["redirect_dir"] = "overlay not available"
+    why["max_layers"] = "OVL_MAX_STACK in fs/overlayfs"
+
+    return KernelInfo(
+        kernel_release=release,
+        overlay_available=available,
+        privileged=privileged,
+        userns_overlay=userns,
+        needs_userxattr=not privileged,
+        lowerdir_plus=lowerdir_plus,
+        layers_via_fd=layers_via_fd,
+        redirect_dir=redirect,
+        why=why,
+    )
+
+
+def _probe_lowerdir_plus() -> tuple[bool, bool, str, str]:
+    """Feed ``lowerdir+`` (as a string, then as an O_PATH fd) to an overlay context."""
+    tmp = tempfile.mkdtemp(prefix="layerfs-probe-")
+    try:
+        with FsContext("overlay") as ctx:
+            try:
+                ctx.set_string("lowerdir+", tmp)
+            except OSError as e:
+                reason = (
+                    "fsconfig(lowerdir+) refused: EINVAL (kernel < 6.8)"
+                    if e.errno == errno.EINVAL
+                    else f"fsconfig(lowerdir+) failed: {e.strerror}"
+                )
+                return False, False, reason, "no lowerdir+ at all"
+            fd = os.open(tmp, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                ctx.set_fd("lowerdir+", fd)
+                by_fd, fd_why = True, "fsconfig(FSCONFIG_SET_FD, lowerdir+) accepted (kernel >= 6.13)"
+            except OSError as e:
+                by_fd, fd_why = False, f"fsconfig(FSCONFIG_SET_FD, lowerdir+) failed: {e.strerror}"
+            finally:
+                os.close(fd)
+        return True, by_fd, "fsconfig(FSCONFIG_SET_STRING, lowerdir+) accepted", fd_why
+    except OSError as e:
+        return False, False, f"fsopen('overlay') failed: {e.strerror}", "no fs context"
+    finally:
+        os.rmdir(tmp)
+
+
+def _probe_parameter(key: str, value: str) -> tuple[bool, str]:
+    """Whether overlay's parameter parser accepts ``key=value`` (no mount happens)."""
+    try:
+        with FsContext("overlay") as ctx:
+            ctx.set_string(key, value)
+        return True, f"fsconfig({key}={value}) accepted"
+    except OSError as e:
+        return False, f"fsconfig({key}={value}) refused: {e.strerror}"
+
+
+# --- a store's filesystem ---------------------------------------------------------------
+
+DT_UNKNOWN, DT_DIR, DT_REG = 0, 4, 8
+
+
+@dataclass(frozen=True)
+class BackingFS:
+    """What the filesystem under a store directory supports. ``why[field]`` says how we know."""
+
+    path: str
+    fs_type: str
+    d_type: bool
+    trusted_xattrs: bool
+    user_xattrs: bool
+    why: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def overlay_problem(self, privileged: bool) -> str | None:
+        """Why kernel overlay cannot use layers here, or None when it can."""
+        if not self.d_type:
+            return (
+                f"{self.path} ({self.fs_type}) lacks d_type, which overlayfs requires: {self.why['d_type']}"
+            )
+        if self.fs_type == "overlay":
+            return f"{self.path} is itself on overlayfs, which cannot hold an overlay's upper layer"
+        if privileged and not self.trusted_xattrs:
+            return f"{self.path} ({self.fs_type}) cannot store trusted.* xattrs: {self.why['trusted_xattrs']}"
+        if not privileged and not self.user_xattrs:
+            return f"{self.path} ({self.fs_type}) cannot store user.* xattrs: {self.why['user_xattrs']}"
+        return None
+
+
+def getdents(dir_fd: int) -> Iterator[tuple[str, int]]:
+    """``(name, d_type)`` of every entry of an open directory, straight from getdents64.
+
+    ``os.scandir`` hides DT_UNKNOWN (``is_dir()`` quietly falls back to stat), so it cannot
+    tell whether the filesystem fills in d_type; the raw syscall can.
+    """
+    buf = ctypes.create_string_buffer(32768)
+    while True:
+        n = syscall("getdents64", dir_fd, buf, len(buf))
+        if n == 0:
+            return
+        raw = buf.raw[:n]
+        pos = 0
+        while pos < n:
+            # struct linux_dirent64 { u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+            reclen = int.from_bytes(raw[pos + 16 : pos + 18], sys.byteorder)
+            d_type = raw[pos + 18]
+            name = raw[pos + 19 : pos + reclen].split(b"\0", 1)[0]
+            yield os.fsdecode(name), d_type
+            pos += reclen
+
+
+def fs_type_of(path: str) -> tuple[str, str]:
+    """The filesystem type of the mount holding ``path``, and how it was found.
+
+    Matches the path's st_dev against mountinfo's major:minor; where a filesystem hands out
+    other device numbers than its superblock's (btrfs subvolumes), the longest mount point
+    that is a prefix of the real path decides.
+    """
+    st = os.stat(path)
+    dev = (os.major(st.st_dev), os.minor(st.st_dev))
+    table = mount_table()
+    for entry in reversed(table):  # the last mount listed on a point is the visible one
+        if entry.dev == dev:
+            return entry.fs_type, f"st_dev {dev[0]}:{dev[1]} is {entry.mount_point} in /proc/self/mountinfo"
+    real = os.path.realpath(path)
+    best: MountEntry | None = None
+    for entry in table:
+        mp = entry.mount_point
+        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
+            best is None or len(mp) >= len(best.mount_point)
+        ):
+            best = entry
+    if best is None:
+        return "unknown", "no mount in /proc/self/mountinfo holds it"
+    return best.fs_type, f"longest mount point prefix {best.mount_point} in /proc/self/mountinfo"
+
+
+def backing_fs(path: str) -> BackingFS:
+    """Check the filesystem under the existing directory ``path`` (a store root).
+
+    Creates and removes a private temp directory inside ``path``: a file and a directory to
+    list with getdents64, and the opaque xattrs layerfs writes (``trusted.overlay.opaque``,
+    ``user.overlay.opaque``) set on it.
+    """
+    why: dict[str, str] = {}
+    fs_type, why["fs_type"] = fs_type_of(path)
+    tmp = tempfile.mkdtemp(prefix=".layerfs-probe-", dir=path)
+    try:
+        os.mkdir(os.path.join(tmp, "d"))
+        with open(os.path.join(tmp, "f"), "wb"):
+            pass
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            types = {name: t for name, t in getdents(fd) if name not in (".", "..")}
+        except OSError as e:
+            types = {}
+            why["d_type"] = f"getdents64 failed: {e.strerror}"
+        finally:
+            os.close(fd)
+        d_type = types.get("d") == DT_DIR and types.get("f") == DT_REG
+        if types:
+            why["d_type"] = (
+                "getdents64 reported DT_DIR and DT_REG"
+                if d_type
+                else f"getdents64 reported d_type {sorted(types.items())} (DT_UNKNOWN is 0)"
+            )
+        trusted, why["trusted_xattrs"] = _try_xattr(tmp, "trusted.overlay.opaque")
+        user, why["user_xattrs"] = _try_xattr(tmp, "user.overlay.opaque")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BackingFS(
+        path=path, fs_type=fs_type, d_type=d_type, trusted_xattrs=trusted, user_xattrs=user, why=why
+    )
+
+
+def _try_xattr(path: str, name: str) -> tuple[bool, str]:
+    try:
+        os.setxattr(path, name, b"y")
+        ok = os.getxattr(path, name) == b"y"
+        with contextlib.suppress(OSError):
+            os.removexattr(path, name)
+        return ok, f"setxattr({name}) {'worked' if ok else 'read back differently'}"
+    except OSError as e:
+        return False, f"setxattr({name}) failed: {e.strerror}"

@@ -1,0 +1,227 @@
+"""Mount descriptions: what to mount, never the mounting itself.
+
+A ``MountSpec`` is layerfs' twin of containerd's ``mount.Mount`` (type, source, options).
+The store and the snapshotter *return* these; only ``layerfs.mount`` executes them. This
+module is pure: no syscalls, so option building is testable without root.
+
+Option strings follow containerd and mount(8):
+
+- overlay: ``lowerdir=TOP:...:BOTTOM`` (top layer first, as overlayfs reads it),
+  ``upperdir=U``, ``workdir=W``, ``ro``, and any overlay parameter
+  (``index=off``, ``redirect_dir=on``, ``userxattr``, ``volatile``, ``metacopy=on`` ...)
+  or mount flag (``nodev``, ``nosuid``, ``noexec`` ...);
+- bind: ``rbind`` (or ``bind``), ``ro`` or ``rw``, mount flags.
+
+Layer paths inside ``lowerdir=``/``upperdir=``/``workdir=`` are escaped the way overlayfs
+unescapes them: a backslash goes before every backslash, colon and comma in a path
+(``/l/a:b`` becomes ``/l/a\\:b``). The escaped form is
+what goes into the option strings (and into legacy mount(2) data); ``lowers``, ``upper``
+and ``work`` give the plain paths back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidArgument
+
+OVERLAY = "overlay"
+BIND = "bind"
+FUSE = "fuse3.layerfs-fuse"
+
+_LAYER_KEYS = ("lowerdir", "upperdir", "workdir")
+_ESCAPED = "\\:,"
+
+
+def escape_path(path: str) -> str:
+    """Escape ``\\``, ``:`` and ``,`` in a layer path for an overlay option string."""
+    return "".join("\\" + c if c in _ESCAPED else c for c in path)
+
+
+def unescape_path(value: str) -> str:
+    """Undo ``escape_path`` (overlayfs' rule: a backslash takes the next character as is)."""
+    return "".join(_unescaped_chars(value))
+
+
+def split_lowerdir(value: str) -> list[str]:
+    """Split a ``lowerdir=`` value at unescaped ``:`` and unescape each path (top first)."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(value)
+    for c in chars:
+        if c == "\\":
+            current.append(next(chars, ""))
+        elif c == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+    parts.append("".join(current))
+    if any(p == "" for p in parts):
+        # '::' introduces overlayfs data-only layers, which layerfs does not describe
+        raise InvalidArgument(
+            f"lowerdir={value!r} has an empty layer path (data-only layers are not supported)"
+        )
+    return parts
+
+
+def _unescaped_chars(value: str) -> Iterator[str]:
+    chars = iter(value)
+    for c in chars:
+        yield next(chars, "") if c == "\\" else c
+
+
+def _check_path(path: str, what: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise InvalidArgument(f"{what} must be a non-empty path, got {path!r}")
+    if "\0" in path:
+        raise InvalidArgument(f"{what} {path!r} contains a NUL byte")
+    if not path.startswith("/"):
+        # a description must mean the same thing whatever the executor's cwd is
+        raise InvalidArgument(f"{what} {path!r} is not an absolute path")
+    return path
+
+
+def _check_extra(option: str) -> str:
+    if not isinstance(option, str) or not option or "," in option or "\0" in option:
+        raise InvalidArgument(f"invalid mount option {option!r}: must be one non-empty option without ','")
+    key = option.partition("=")[0]
+    if key in _LAYER_KEYS or key in ("lowerdir+", "upperdir+", "workdir+", "datadir+"):
+        raise InvalidArgument(f"mount option {option!r}: pass layers as arguments, not as extra options")
+    if key in ("bind", "rbind"):
+        raise InvalidArgument(f"mount option {option!r} makes no sense for an overlay mount")
+    return option
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """One mount, described: ``type``, ``source`` and containerd-style ``options``.
+
+    Build with ``MountSpec.overlay`` or ``MountSpec.bind``; the constructor takes the
+    fields as they are (for specs that come back from containerd or a test).
+    """
+
+    type: str
+    source: str
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.type or not self.source:
+            raise InvalidArgument(f"mount spec needs a type and a source, got {self.type!r}, {self.source!r}")
+        object.__setattr__(self, "options", tuple(self.options))
+        for option in self.options:
+            if not isinstance(option, str) or "\0" in option:
+                raise InvalidArgument(f"invalid mount option {option!r}")
+
+    # --- building ---------------------------------------------------------------------
+
+    @classmethod
+    def overlay(
+        cls,
+        lowers: Sequence[str],
+        upper: str | None = None,
+        work: str | None = None,
+        *,
+        readonly: bool = False,
+        extra: Sequence[str] = (),
+    ) -> MountSpec:
+        """An overlay of ``lowers`` (top layer first), writable into ``upper`` if given.
+
+        ``upper`` and ``work`` come together (overlayfs needs a workdir on the upper's
+        filesystem). Without an upper the overlay is read-only and gets ``ro``.
+
+        One lower and no upper is not a valid overlay (the kernel wants two lowers for a
+        read-only overlay), so, as containerd does, that returns a read-only recursive
+        bind mount of the single layer instead.
+        """
+        if isinstance(lowers, str):
+            raise InvalidArgument("lowers must be a sequence of paths, not one string")
+        lowers = [_check_path(p, "lower layer") for p in lowers]
+        if not lowers:
+            raise InvalidArgument("an overlay needs at least one lower layer")
+        if (upper is None) != (work is None):
+            raise InvalidArgument("upperdir and workdir come together: give both or neither")
+        extras = [_check_extra(o) for o in extra]
+        if upper is None and len(lowers) == 1:
+            return cls.bind(lowers[0], readonly=True)
+        options = ["lowerdir=" + ":".join(escape_path(p) for p in lowers)]
+        if upper is not None and work is not None:
+            options.append("upperdir=" + escape_path(_check_path(upper, "upperdir")))
+            options.append("workdir=" + escape_path(_check_path(work, "workdir")))
+        if readonly or upper is None:
+            options.append("ro")
+        options.extend(o for o in dict.fromkeys(extras) if o not in options)
+        return cls(OVERLAY, OVERLAY, tuple(options))
+
+    @classmethod
+    def bind(cls, source: str, readonly: bool) -> MountSpec:
+        """A recursive bind mount of ``source``, read-only if asked (``ro``/``rw`` + ``rbind``)."""
+        _check_path(source, "bind source")
+        return cls(BIND, source, ("ro" if readonly else "rw", "rbind"))
+
+    @classmethod
+    def from_containerd(cls, mount: Mapping[str, Any]) -> MountSpec:
+        """Inverse of ``to_containerd``: ``{"type", "source", "options"}``."""
+        try:
+            return cls(str(mount["type"]), str(mount["source"]), tuple(mount.get("options") or ()))
+        except KeyError as e:
+            raise InvalidArgument(f"mount description lacks {e.args[0]!r}: {dict(mount)!r}") from e
+
+    def as_fuse(self) -> MountSpec:
+        """The same overlay for the FUSE backend (``fuse3.layerfs-fuse``, fuse-overlayfs' options)."""
+        if self.type != OVERLAY:
+            raise InvalidArgument(f"only an overlay can be served by FUSE, not a {self.type} mount")
+        return MountSpec(FUSE, "layerfs", self.options)
+
+    # --- reading back -----------------------------------------------------------------
+
+    def option_value(self, key: str) -> str | None:
+        """The raw (still escaped) value of the last ``key=value`` option, or None."""
+        found = None
+        for option in self.options:
+            k, sep, v = option.partition("=")
+            if sep and k == key:
+                found = v
+        return found
+
+    def has_option(self, flag: str) -> bool:
+        return flag in self.options
+
+    @property
+    def lowers(self) -> tuple[str, ...]:
+        """Lower layer paths, top first, unescaped (empty for a bind mount)."""
+        value = self.option_value("lowerdir")
+        return tuple(split_lowerdir(value)) if value is not None else ()
+
+    @property
+    def upper(self) -> str | None:
+        value = self.option_value("upperdir")
+        return unescape_path(value) if value is not None else None
+
+    @property
+    def work(self) -> str | None:
+        value = self.option_value("workdir")
+        return unescape_path(value) if value is not None else None
+
+    @property
+    def readonly(self) -> bool:
+        """``ro`` is set, or an overlay without upperdir (which can only be read-only)."""
+        if "ro" in self.options:
+            return True
+        return self.type != BIND and self.upper is None
+
+    @property
+    def recursive(self) -> bool:
+        """For a bind mount: ``rbind`` (submounts come along) rather than ``bind``."""
+        return "rbind" in self.options
+
+    # --- export -----------------------------------------------------------------------
+
+    def to_containerd(self) -> dict[str, Any]:
+        """``{"type", "source", "options": [...]}`` as containerd's ``types.Mount`` carries it."""
+        return {"type": self.type, "source": self.source, "options": list(self.options)}
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.source} -o {','.join(self.options)}"
