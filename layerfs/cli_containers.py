@@ -158,3 +158,21 @@ def bundle_cmd(ctx: Ctx, ref: str, directory: str, args: tuple[str, ...], name: 
     b = bundle.make_bundle(ctx.store, ref, directory, name=name, args=list(args) or None, backend=backend)
     ctx.log(f"Bundle {b.path} ready (container {b.container}): runc run -b {b.path} <id>")
     click.echo(b.path)
+
+
+@cli.command("info")
+@pass_ctx
+@handle_errors
+def info_cmd(ctx: Ctx) -> None:
+    """What this kernel and the store's filesystem offer the mount backends, and why."""
+    from .mount.probe import backing_fs, probe
+
+    info = probe()
+    click.echo(f"kernel {info.kernel_release}")
+    click.echo(info.explain())
+    fs = backing_fs(ctx.store.root)
+    click.echo(f"store {ctx.store.root} on {fs.fs_type}: d_type={fs.d_type} trusted_xattrs={fs.trusted_xattrs} "
+               f"user_xattrs={fs.user_xattrs}")
+    problem = fs.overlay_problem(info.privileged)
+    if problem:
+        click.echo(f"kernel overlayfs cannot use this store: {problem}")
