@@ -18,6 +18,7 @@ import datetime as _dt
 import json
 import os
 import re
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -79,14 +80,11 @@ def create(store: Store, name: str, image: Image) -> Container:
     validate_name(name)
     if find(store, name) is not None:
         raise AlreadyExists(f"container {name} already exists")
-    snap = store.create_active(KEY_PREFIX + name, image.top_chain_id)
-    try:
-        with store.meta.transaction() as db:
-            db.execute("INSERT INTO containers VALUES (?, ?, ?, ?, ?, ?)",
-                       (name, image.name, image.manifest_digest, image.config_digest, snap.id, now_ns()))
-    except BaseException:
-        store.remove_snapshot(snap.key)
-        raise
+    def record(db: sqlite3.Connection, sid: int) -> None:
+        db.execute("INSERT INTO containers VALUES (?, ?, ?, ?, ?, ?)",
+                   (name, image.name, image.manifest_digest, image.config_digest, sid, now_ns()))
+
+    store.create_active(KEY_PREFIX + name, image.top_chain_id, in_txn=record)
     return get(store, name)
 
 
@@ -95,9 +93,10 @@ def remove(store: Store, name: str) -> None:
     m = store.meta.db.execute("SELECT target FROM mounts WHERE snapshot_key=?", (c.key,)).fetchone()
     if m is not None:
         raise InUse(f"container {name} is mounted at {m['target']}; unmount it first (layerfs umount)")
-    with store.meta.transaction() as db:
+    def unrecord(db: sqlite3.Connection, sid: int) -> None:
         db.execute("DELETE FROM containers WHERE name=?", (name,))
-    store.remove_snapshot(c.key)
+
+    store.remove_snapshot(c.key, in_txn=unrecord)
 
 
 def lowers(store: Store, c: Container) -> list[str]:

@@ -25,7 +25,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from . import failpoint, whiteout
@@ -246,10 +246,18 @@ class Store:
         os.rename(staging, target)
         return target
 
-    def create_active(self, key: str, parent: Digest | None, kind: str = "active") -> Snapshot:
+    def create_active(
+        self,
+        key: str,
+        parent: Digest | None,
+        kind: str = "active",
+        in_txn: Callable[[sqlite3.Connection, int], None] | None = None,
+    ) -> Snapshot:
         """A new active (writable) or view snapshot over the committed ``parent``.
 
         Its directory holds ``fs/`` (the upper, mode 0755) and ``work/`` (overlay's workdir).
+        ``in_txn(db, id)`` runs inside the same transaction (e.g. to record its owner), so a
+        crash never leaves a snapshot without the row that owns it.
         """
         if kind not in ("active", "view"):
             raise ValueError(kind)
@@ -271,14 +279,18 @@ class Store:
                     (key, kind, parent_id, ts, ts),
                 )
                 sid = int(cur.lastrowid or 0)
+                if in_txn is not None:
+                    in_txn(db, sid)
                 self._place(staging, sid)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return self.snapshot_by_id(sid)
 
-    def remove_snapshot(self, key: str) -> None:
-        """Remove a snapshot that has no children and is not mounted (files deleted after commit)."""
+    def remove_snapshot(self, key: str, in_txn: Callable[[sqlite3.Connection, int], None] | None = None) -> None:
+        """Remove a snapshot that has no children and is not mounted (files deleted after commit).
+
+        ``in_txn(db, id)`` runs inside the same transaction, before the row goes."""
         with self.meta.transaction() as db:
             row = db.execute("SELECT id FROM snapshots WHERE key=?", (key,)).fetchone()
             if row is None:
@@ -288,6 +300,8 @@ class Store:
             m = db.execute("SELECT target FROM mounts WHERE snapshot_key=?", (key,)).fetchone()
             if m is not None:
                 raise InUse(f"snapshot {key} is mounted at {m['target']}")
+            if in_txn is not None:
+                in_txn(db, row["id"])
             db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (row["id"],))
             db.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
         shutil.rmtree(self.snapshot_dir(row["id"]), ignore_errors=True)
