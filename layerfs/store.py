@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import sqlite3
@@ -481,11 +482,12 @@ class Store:
                 db.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
                 removed_layers.append(Digest(row["key"]))
                 dirs.append(self.snapshot_dir(row["id"]))
+            keep = self._container_blobs(db)
             for row in db.execute(
                 "SELECT digest FROM blobs WHERE digest NOT IN (SELECT digest FROM image_blobs)"
-                " AND digest NOT IN (SELECT manifest_digest FROM containers)"
-                " AND digest NOT IN (SELECT config_digest FROM containers)"
             ).fetchall():
+                if row["digest"] in keep:
+                    continue
                 db.execute("DELETE FROM blobs WHERE digest=?", (row["digest"],))
                 removed_blobs.append(Digest(row["digest"]))
         # Delete files only after the transaction committed.
@@ -495,6 +497,19 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.content.path(d))
         return removed_layers, removed_blobs
+
+    def _container_blobs(self, db: sqlite3.Connection) -> set[str]:
+        """Manifest, config and layer blobs of the images containers were created from:
+        ``commit`` needs them even after the image's name is gone."""
+        keep: set[str] = set()
+        for row in db.execute("SELECT manifest_digest, config_digest FROM containers"):
+            keep.update((row["manifest_digest"], row["config_digest"]))
+            try:
+                manifest = json.loads(self.content.read(Digest(row["manifest_digest"])))
+                keep.update(str(d.get("digest")) for d in manifest.get("layers") or [])
+            except (NotFound, ValueError, AttributeError):
+                pass
+        return keep
 
     def _check_not_mounted_hook(self) -> None:
         """Mounted chains are gc roots (see ``_needed_snapshot_ids``): nothing mounted is removed."""

@@ -221,10 +221,16 @@ def test_container_lifecycle_and_refusals(store: Path) -> None:
     lf(store, "umount", str(mp))
     lf(store, "mount", "web", str(mp))
     assert (mp / "keep").read_text() == "kept\n"
+    # a forced rmi untags; the container still commits (its image's blobs are kept)
+    lf(store, "umount", str(mp))
+    lf(store, "rmi", "-f", "base:1")
+    lf(store, "gc")
+    lf(store, "commit", "web", "web:1")
+    lf(store, "mount", "web", str(mp))
     lf(store, "rm", "-f", "web")
     assert _mounted_under(mp) == []
     assert json.loads(lf(store, "ps", "--format", "json").stdout) == []
-    lf(store, "rmi", "base:1")
+    lf(store, "rmi", "web:1")
     with Store(str(store)) as s:
         assert s.list_snapshots() == [] and s.fsck().clean
 
