@@ -27,13 +27,17 @@ import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import failpoint, whiteout
 from .content import ContentStore, Ingest, fsync_dir
 from .digest import Digest
 from .errors import AlreadyExists, FailedPrecondition, InUse, NotFound, StoreError
 from .metadata import Metadata, now_ns
+
+if TYPE_CHECKING:
+    from .fsck import FsckReport
 
 IMAGE_LAYER_LABEL = "layerfs.io/image-layer"
 
@@ -98,25 +102,6 @@ class BlobRecord:
     staged: Ingest | None = None  # verified in tmp/, renamed in by commit_image
 
 
-@dataclass
-class Finding:
-    problem: str
-    repaired: bool = False
-
-
-@dataclass
-class FsckReport:
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def unrepaired(self) -> list[Finding]:
-        return [f for f in self.findings if not f.repaired]
-
-    @property
-    def clean(self) -> bool:
-        return not self.findings
-
-
 class Store:
     """One layer store. Cheap to open; several processes may open the same root."""
 
@@ -179,7 +164,7 @@ class Store:
     def exclusive_lock(self) -> contextlib.AbstractContextManager[None]:
         return self._flock(fcntl.LOCK_EX, "an import is running")
 
-    def _try_exclusive(self) -> bool:
+    def try_exclusive(self) -> bool:
         """True when no other process holds the store lock right now (checked, not kept)."""
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -407,7 +392,7 @@ class Store:
         except BaseException:
             # The transaction rolled back: what was renamed in is now unknown to the database.
             for path in placed:
-                _remove(path)
+                remove_path(path)
             raise
         failpoint.hit("commit.after-commit")
         fsync_dir(os.path.join(self.root, "snapshots"))
@@ -521,70 +506,13 @@ class Store:
 
     # -- fsck ----------------------------------------------------------------------------
     def fsck(self, repair: bool = False, verify_blobs: bool = False) -> FsckReport:
-        """Check that the files agree with the database; with ``repair``, remove garbage.
+        """Check that the files agree with the database (see ``layerfs.fsck``)."""
+        from .fsck import fsck
 
-        Garbage (repairable): staging in ``tmp/``, snapshot directories and blob files the
-        database does not know, image layers no image needs. Damage (reported, never
-        "repaired" by deleting data): a known snapshot or blob whose files are missing, a
-        blob whose content no longer matches its digest, an image pointing at nothing.
-        """
-        report = FsckReport()
-        if repair:
-            lock: contextlib.AbstractContextManager[None] = self.exclusive_lock()
-            quiescent = True
-        else:
-            # Reporting must not wait for an import, nor call its staging garbage.
-            quiescent = self._try_exclusive()
-            lock = contextlib.nullcontext()
-        with lock:
-            db = self.meta.db
-            ok = db.execute("PRAGMA integrity_check").fetchone()[0]
-            if ok != "ok":
-                report.findings.append(Finding(f"meta.db integrity check failed: {ok}"))
-            known_ids = {r["id"]: r for r in db.execute("SELECT * FROM snapshots")}
-            for entry in sorted(os.listdir(self.tmp_dir)) if quiescent else []:
-                report.findings.append(Finding(f"leftover staging tmp/{entry}", repaired=repair))
-                if repair:
-                    _remove(os.path.join(self.tmp_dir, entry))
-            snap_root = os.path.join(self.root, "snapshots")
-            for entry in sorted(os.listdir(snap_root)) if quiescent else []:
-                if not entry.isdigit() or int(entry) not in known_ids:
-                    report.findings.append(Finding(f"orphan snapshot directory snapshots/{entry}", repaired=repair))
-                    if repair:
-                        _remove(os.path.join(snap_root, entry))
-            for sid, row in sorted(known_ids.items()):
-                if not os.path.isdir(self.fs_dir(sid)):
-                    report.findings.append(Finding(f"snapshot {row['key']} (id {sid}): directory snapshots/{sid}/fs missing"))
-                if row["parent_id"] is not None and row["parent_id"] not in known_ids:
-                    report.findings.append(Finding(f"snapshot {row['key']}: parent id {row['parent_id']} missing"))
-            known_blobs = {r["digest"] for r in db.execute("SELECT digest FROM blobs")}
-            for name in self.content.list_files() if quiescent else []:
-                try:
-                    digest = Digest.from_hex(name)
-                except Exception:
-                    digest = None
-                if digest is None or digest not in known_blobs:
-                    report.findings.append(Finding(f"orphan blob file blobs/sha256/{name}", repaired=repair))
-                    if repair:
-                        _remove(os.path.join(self.content.blob_dir, name))
-            for d in sorted(known_blobs):
-                if not self.content.has(Digest(d)):
-                    report.findings.append(Finding(f"blob {d} recorded but its file is missing"))
-                elif verify_blobs and not self.content.verify(Digest(d)):
-                    report.findings.append(Finding(f"blob {d}: content does not match its digest"))
-            for img in self.list_images():
-                for d in (img.manifest_digest, img.config_digest):
-                    if d not in known_blobs:
-                        report.findings.append(Finding(f"image {img.name}: blob {d} missing"))
-                if img.top_chain_id is not None and img.top_chain_id not in {r["key"] for r in known_ids.values()}:
-                    report.findings.append(Finding(f"image {img.name}: top layer {img.top_chain_id} missing"))
-            # Layers and blobs no image needs (after rmi of a name, or a re-tag) are not
-            # damage: a crash never leaves them (rows are written with their image in one
-            # transaction); `layerfs gc` collects them.
-        return report
+        return fsck(self, repair=repair, verify_blobs=verify_blobs)
 
 
-def _remove(path: str) -> None:
+def remove_path(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -597,4 +525,4 @@ def check_name_free(store: Store, name: str) -> None:
         raise AlreadyExists(f"image {name} already exists")
 
 
-__all__ = ["Store", "Snapshot", "Image", "StagedLayer", "BlobRecord", "FsckReport", "InUse", "default_root"]
+__all__ = ["Store", "Snapshot", "Image", "StagedLayer", "BlobRecord", "InUse", "default_root"]
