@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from . import failpoint, whiteout
 from .content import ContentStore, Ingest, fsync_dir
 from .digest import Digest
-from .errors import AlreadyExists, FailedPrecondition, InUse, NotFound, StoreError
+from .errors import AlreadyExists, FailedPrecondition, InUse, InvalidArgument, NotFound, StoreError
 from .metadata import Metadata, now_ns
 
 if TYPE_CHECKING:
@@ -235,9 +235,10 @@ class Store:
     def create_active(
         self,
         key: str,
-        parent: Digest | None,
+        parent: str | None,
         kind: str = "active",
         in_txn: Callable[[sqlite3.Connection, int], None] | None = None,
+        labels: dict[str, str] | None = None,
     ) -> Snapshot:
         """A new active (writable) or view snapshot over the committed ``parent``.
 
@@ -259,12 +260,16 @@ class Store:
                     row = db.execute("SELECT id, kind FROM snapshots WHERE key=?", (parent,)).fetchone()
                     if row is None:
                         raise NotFound(f"parent snapshot {parent} not found")
+                    if row["kind"] != "committed":
+                        raise InvalidArgument(f"parent snapshot {parent} is {row['kind']}, not committed")
                     parent_id = row["id"]
                 cur = db.execute(
                     "INSERT INTO snapshots (key, kind, parent_id, created_ns, updated_ns) VALUES (?, ?, ?, ?, ?)",
                     (key, kind, parent_id, ts, ts),
                 )
                 sid = int(cur.lastrowid or 0)
+                db.executemany("INSERT INTO snapshot_labels VALUES (?, ?, ?)",
+                               [(sid, k, v) for k, v in (labels or {}).items()])
                 if in_txn is not None:
                     in_txn(db, sid)
                 self._place(staging, sid)

@@ -16,5 +16,5 @@ def test_ruff_clean() -> None:
 
 
 def test_mypy_clean() -> None:
-    r = subprocess.run([sys.executable, "-m", "mypy", "layerfs"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "mypy", "layerfs", "snapshotter"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
