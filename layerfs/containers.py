@@ -27,7 +27,7 @@ from . import changes, images, importer
 from .digest import Digest
 from .errors import AlreadyExists, InUse, InvalidArgument, NotFound
 from .metadata import now_ns
-from .store import Image, Snapshot, Store
+from .store import Image, Snapshot, Store, disk_usage
 
 KEY_PREFIX = "layerfs/container/"
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
@@ -115,17 +115,7 @@ def diff(store: Store, c: Container) -> list[changes.Change]:
 
 def usage(store: Store, c: Container) -> tuple[int, int]:
     """Bytes and inodes used by the container's upper (hardlinks counted once)."""
-    seen: set[tuple[int, int]] = set()
-    size = inodes = 0
-    for dirpath, dirnames, filenames in os.walk(upper(store, c)):
-        for n in dirnames + filenames:
-            st = os.lstat(os.path.join(dirpath, n))
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            inodes += 1
-            size += st.st_blocks * 512
-    return size, inodes
+    return disk_usage(upper(store, c))
 
 
 def commit(store: Store, c: Container, new_ref: str, message: str | None = None,

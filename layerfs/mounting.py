@@ -19,14 +19,10 @@ from dataclasses import dataclass
 from . import containers
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unsupported
 from .metadata import now_ns
-from .mountspec import MountSpec
+from .mountspec import WRITABLE_OVERLAY_OPTIONS, MountSpec
 from .store import Image, Store
 
 BACKENDS = ("auto", "kernel", "fuse")
-# kernel overlayfs options for writable containers: renaming a directory that comes from
-# a lower layer must work (redirect_dir=on records it as a redirect xattr that
-# changes.py understands); no inode index, so uppers stay portable between mounts.
-CONTAINER_OPTIONS = ("redirect_dir=on", "index=off")
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,7 @@ def container_spec(store: Store, c: containers.Container) -> MountSpec:
     upper = containers.upper(store, c)
     if not lowers:  # an image with no layers: the upper is the whole tree
         return MountSpec.bind(upper, readonly=False)
-    return MountSpec.overlay(lowers, upper, store.work_dir(c.snapshot.id), extra=CONTAINER_OPTIONS)
+    return MountSpec.overlay(lowers, upper, store.work_dir(c.snapshot.id), extra=WRITABLE_OVERLAY_OPTIONS)
 
 
 def _choose_backend(backend: str, spec: MountSpec) -> str:

@@ -31,6 +31,12 @@ OVERLAY = "overlay"
 BIND = "bind"
 FUSE = "fuse3.layerfs-fuse"
 
+# Options for every writable overlay layerfs describes (containers, snapshotter actives):
+# renaming a directory that comes from a lower layer must work, which overlayfs records as
+# a redirect xattr (redirect_dir=on; layerfs.changes and the union view read it), and no
+# inode index, so upper directories stay portable between mounts and backends.
+WRITABLE_OVERLAY_OPTIONS = ("redirect_dir=on", "index=off")
+
 _LAYER_KEYS = ("lowerdir", "upperdir", "workdir")
 _ESCAPED = "\\:,"
 

@@ -32,15 +32,13 @@ from dataclasses import dataclass, field
 
 from layerfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from layerfs.metadata import now_ns
-from layerfs.mountspec import MountSpec
+from layerfs.mountspec import WRITABLE_OVERLAY_OPTIONS, MountSpec
 from layerfs.store import Snapshot, Store
+from layerfs.store import disk_usage as store_disk_usage
 
 from . import filters
 
 KINDS = ("active", "view", "committed")
-# Overlay options for writable snapshots: renaming a lower directory must work
-# (redirect_dir=on), and no inode index, so snapshot directories stay portable.
-OVERLAY_OPTIONS = ("index=off", "redirect_dir=on")
 
 
 @dataclass(frozen=True)
@@ -66,19 +64,7 @@ def _time(ns: int) -> _dt.datetime:
 
 
 def disk_usage(path: str) -> Usage:
-    """Bytes (allocated blocks) and inodes under ``path``, hardlinks counted once (like
-    containerd's fs.DiskUsage)."""
-    seen: set[tuple[int, int]] = set()
-    size = inodes = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in (*dirnames, *filenames):
-            st = os.lstat(os.path.join(dirpath, name))
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            inodes += 1
-            size += st.st_blocks * 512
-    return Usage(size, inodes)
+    return Usage(*store_disk_usage(path))
 
 
 class Snapshotter:
@@ -180,7 +166,7 @@ class Snapshotter:
             spec = MountSpec.bind(fs, readonly=False)
         else:
             spec = MountSpec.overlay([self.store.fs_dir(p.id) for p in parents], fs, self.store.work_dir(snap.id),
-                                     extra=OVERLAY_OPTIONS)
+                                     extra=WRITABLE_OVERLAY_OPTIONS)
         if self.backend == "fuse" and spec.type == "overlay":
             return spec.as_fuse()
         return spec
