@@ -161,7 +161,10 @@ class Snapshotter:
             elif len(parents) == 1:
                 spec = MountSpec.bind(self.store.fs_dir(parents[0].id), readonly=True)
             else:
-                spec = MountSpec.overlay([self.store.fs_dir(p.id) for p in parents], readonly=True)
+                # committed snapshots may hold redirects (renamed lower directories): follow
+                # them even where the kernel's redirect_always_follow default is off
+                spec = MountSpec.overlay([self.store.fs_dir(p.id) for p in parents], readonly=True,
+                                         extra=("redirect_dir=follow",))
         elif not parents:
             spec = MountSpec.bind(fs, readonly=False)
         else:
