@@ -79,6 +79,8 @@ def emit_json(value: Any) -> None:
 
 
 def main() -> None:
+    from snapshotter import cli as _snapshotter_cli  # noqa: F401  (layerfs snapshotter serve)
+
     from . import cli_containers, cli_images  # noqa: F401  (register their commands)
 
     cli(prog_name="layerfs")
