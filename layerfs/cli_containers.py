@@ -50,10 +50,11 @@ def mounts_cmd(ctx: Ctx, fmt: str) -> None:
     recs = mounting.records(ctx.store)
     if fmt == "json":
         emit_json([{"target": r.target, "snapshot": r.snapshot_key, "backend": r.backend,
-                    "readonly": r.readonly} for r in recs])
+                    "readonly": r.readonly, "pid": r.pid} for r in recs])
         return
-    rows: list[tuple[str, ...]] = [("MOUNTPOINT", "BACKEND", "MODE", "SNAPSHOT")]
-    rows += [(r.target, r.backend, "ro" if r.readonly else "rw", r.snapshot_key) for r in recs]
+    rows: list[tuple[str, ...]] = [("MOUNTPOINT", "BACKEND", "PID", "MODE", "SNAPSHOT")]
+    rows += [(r.target, r.backend, str(r.pid) if r.pid is not None else "-", "ro" if r.readonly else "rw",
+              r.snapshot_key) for r in recs]
     emit(_table(rows))
 
 

@@ -17,9 +17,9 @@ import os
 from dataclasses import dataclass
 
 from . import containers
-from .errors import AlreadyExists, InvalidArgument, NotFound, Unsupported
+from .errors import AlreadyExists, InvalidArgument, LayerfsError, NotFound, Unsupported
 from .metadata import now_ns
-from .mountspec import WRITABLE_OVERLAY_OPTIONS, MountSpec
+from .mountspec import BIND, OVERLAY, WRITABLE_OVERLAY_OPTIONS, MountSpec
 from .store import Image, Store
 
 BACKENDS = ("auto", "kernel", "fuse")
@@ -85,27 +85,59 @@ def container_spec(store: Store, c: containers.Container) -> MountSpec:
     return MountSpec.overlay(lowers, upper, store.work_dir(c.snapshot.id), extra=WRITABLE_OVERLAY_OPTIONS)
 
 
-def _choose_backend(backend: str, spec: MountSpec) -> str:
+def _choose_backend(backend: str, spec: MountSpec, store_root: str | None = None) -> tuple[str, str | None]:
+    """The backend to try first, and (for ``auto`` choosing FUSE) why not the kernel.
+
+    ``auto`` takes kernel overlayfs when the kernel has it, the spec fits its 500-layer
+    limit and the store's filesystem can hold overlay layers; FUSE otherwise. ``fuse`` serves
+    every union over FUSE; a writable bind (a container without image layers) needs no
+    union and is always the kernel's.
+    """
+    from .mount.probe import OVL_MAX_STACK, backing_fs, probe
+
     if backend not in BACKENDS:
         raise InvalidArgument(f"unknown backend {backend!r} (auto, kernel or fuse)")
+    if spec.type == BIND and not spec.readonly:
+        return "kernel", None
     if backend == "fuse":
-        raise Unsupported("the FUSE backend (layerfs-fuse) is not available in this version yet; use --backend kernel")
-    from .mount.probe import probe
-
+        return "fuse", None
     info = probe()
-    if spec.type == "overlay" and not info.overlay_available:
-        raise Unsupported(f"kernel overlayfs is not available here ({info.why.get('overlay_available', '')})")
-    return "kernel"
+    if backend == "kernel" or spec.type == BIND:
+        if spec.type == OVERLAY and not info.overlay_available:
+            raise Unsupported(f"kernel overlayfs is not available here ({info.why.get('overlay_available', '')})")
+        return "kernel", None
+    why: str | None = None
+    if spec.type == OVERLAY and not info.overlay_available:
+        why = f"not available here ({info.why.get('overlay_available', '')})"
+    elif len(spec.lowers) > OVL_MAX_STACK:
+        why = f"{len(spec.lowers)} layers exceed its limit of {OVL_MAX_STACK}"
+    elif store_root is not None:
+        why = backing_fs(store_root).overlay_problem(info.privileged)
+    return ("fuse", why) if why else ("kernel", None)
+
+
+def _with_reason(e: LayerfsError, reason: str | None) -> LayerfsError:
+    """``e`` again (same class, so the same exit code) with why the kernel was not used."""
+    if reason is None:
+        return e
+    try:
+        return type(e)(f"{e} (kernel overlayfs was not used: {reason})")
+    except TypeError:
+        return LayerfsError(f"{e} (kernel overlayfs was not used: {reason})")
 
 
 def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend: str = "auto") -> MountRecord:
-    """Mount ``spec`` on ``target`` and record it under ``snapshot_key``."""
-    from .mount import kernel
+    """Mount ``spec`` on ``target`` and record it under ``snapshot_key``.
+
+    ``auto`` falls back to FUSE when the kernel refuses the mount (``Unsupported``, which
+    includes EPERM). A FUSE record carries the pid of the daemon serving it.
+    """
+    from .mount import fuse, kernel
 
     target = os.path.realpath(target)
     if not os.path.isdir(target):
         raise NotFound(f"mount point {target} does not exist or is not a directory")
-    chosen = _choose_backend(backend, spec)
+    chosen, why_not_kernel = _choose_backend(backend, spec, store.root)
     records(store)  # drop stale records first, so a stale one does not block this target
     rec = MountRecord(target, snapshot_key, chosen, spec.readonly, None, boot_id(), now_ns())
     with store.meta.transaction() as db:
@@ -115,7 +147,21 @@ def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend
                    (rec.target, rec.snapshot_key, rec.backend, int(rec.readonly), rec.pid, rec.boot_id,
                     rec.created_ns))
     try:
-        kernel.mount(spec, target)
+        if chosen == "kernel":
+            try:
+                kernel.mount(spec, target)
+            except Unsupported as e:
+                if backend != "auto" or (spec.type == BIND and not spec.readonly):
+                    raise
+                chosen, why_not_kernel = "fuse", str(e)
+        if chosen == "fuse":
+            try:
+                pid = fuse.mount(spec, target)
+            except LayerfsError as e:
+                raise _with_reason(e, why_not_kernel) from e
+            rec = MountRecord(target, snapshot_key, "fuse", spec.readonly, pid, rec.boot_id, rec.created_ns)
+            with store.meta.transaction() as db:
+                db.execute("UPDATE mounts SET backend=?, pid=? WHERE target=?", (rec.backend, rec.pid, target))
     except BaseException:
         with store.meta.transaction() as db:
             db.execute("DELETE FROM mounts WHERE target=?", (target,))
@@ -136,7 +182,12 @@ def mount_ref(store: Store, name: str, target: str, backend: str = "auto", *, de
 
 
 def umount(store: Store, target: str, detach: bool = False) -> MountRecord:
-    from .mount import kernel
+    """Unmount what layerfs mounted on ``target`` and drop its record.
+
+    A FUSE mount's daemon is waited for (SIGTERM/SIGKILL if it lingers); with ``detach``
+    it keeps serving files still open and exits when the last one closes.
+    """
+    from .mount import fuse, kernel
 
     path = os.path.realpath(target)
     row = store.meta.db.execute("SELECT * FROM mounts WHERE target=?", (path,)).fetchone()
@@ -144,7 +195,13 @@ def umount(store: Store, target: str, detach: bool = False) -> MountRecord:
         raise NotFound(f"{target} is not mounted by layerfs")
     rec = MountRecord(row["target"], row["snapshot_key"], row["backend"], bool(row["readonly"]), row["pid"],
                       row["boot_id"], row["created_ns"])
-    if path in _mount_points():
+    mounted = path in _mount_points()
+    if rec.backend == "fuse":
+        if mounted:
+            fuse.unmount(path, rec.pid, detach=detach)
+        elif rec.pid is not None and not detach and rec.boot_id == boot_id():
+            fuse.stop(rec.pid, path)  # the mount went some other way: the daemon goes too
+    elif mounted:
         kernel.unmount(path, detach=detach)
     with store.meta.transaction() as db:
         db.execute("DELETE FROM mounts WHERE target=?", (path,))

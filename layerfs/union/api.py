@@ -13,6 +13,15 @@ Conventions:
   ``FUSEError(errno)``. Permission checks are the kernel's (``default_permissions``); the
   model only enforces what the kernel cannot know (e.g. EXDEV never happens: renames work).
 - ``Ctx`` carries the caller's uid/gid/umask for new entries (owner of created files).
+- Lookup counts: ``lookup``, ``create``, ``mkdir``, ``mknod``, ``symlink`` and ``link`` each
+  count one lookup of the inode they return. ``readdir`` counts none: the adapter counts
+  every entry the kernel accepts with one ``lookup`` (pyfuse3 always answers READDIRPLUS).
+  A model whose ``readdir`` counts one lookup per returned entry itself sets a class
+  attribute ``readdir_counts_lookups = True``; the adapter then skips those lookups and
+  ``forget``s (1 each) the returned entries it could not deliver, so return small batches.
+- Threads: the adapter calls the model from the trio thread (metadata) and from worker
+  threads (open, create, read, write, fsync, setattr, link, rename, set/removexattr) at the
+  same time; every method must be thread-safe.
 - ``st_ino`` in ``Attr`` is the stable inode number the user sees (same as the FUSE inode
   number), unchanged by copy-up and across remounts of the same layers.
 """

@@ -1,0 +1,558 @@
+"""The state of a union mount and the steps every operation is built from.
+
+``UnionCore`` holds the layers (a ``LowerIndex`` over the lowers, an ``Upper`` writer),
+the inode table, the open handles and the lock, and knows how to: find a child of a union
+directory (upper first, then the cached lower index), reach the real directory behind a
+node as an fd, compute attributes, and copy a node up. ``layerfs.union.fs.UnionFS`` turns
+these into the operations of ``layerfs.union.api.UnionOps``.
+
+Locking: one ``threading.Lock`` guards all metadata (nodes, caches, the upper's namespace).
+Public operations take it once; helpers here assume it is held. Data I/O on open handles
+(read/write/fsync) runs without it, on the handle's own fd. A copy-up of a large file
+releases it while the data is copied (the node is marked ``busy``; anything that would
+move, replace or copy that node waits on ``self._cond``) and the operation that asked for
+the copy-up starts over, since the tree may have changed meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import stat
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .. import whiteout
+from ..whiteout import LayerFormat
+from . import copyup, xattrs
+from .api import ROOT_INODE, Attr
+from .dirindex import (
+    DIR_FLAGS,
+    OPAQUE_NAMES,
+    OPQ,
+    REDIRECT_NAMES,
+    WH,
+    FdCache,
+    LowerDir,
+    LowerHit,
+    LowerIndex,
+    scan,
+)
+from .inodes import InodeTable, Node, origin_name, read_origin
+from .syscalls import RENAME_NOREPLACE, proc_path, renameat2
+from .upper import Upper
+
+NAME_MAX = 255
+# copy-ups of more data than this release the lock while the data moves
+UNLOCKED_COPY_BYTES = 1 << 20
+
+
+def oserror(err: int, what: str, name: bytes | None = None) -> OSError:
+    return OSError(err, f"{os.strerror(err)}: {what}", None if name is None else os.fsdecode(name))
+
+
+@dataclass
+class FileHandle:
+    node: Node
+    fd: int
+    writable: bool
+    upper: bool  # the fd is the upper file (else the lower one, reopened after a copy-up)
+    gen: int  # node.gen when the fd was opened
+    stale: list[int] = field(default_factory=list)  # replaced fds, closed on release
+
+
+@dataclass
+class DirHandle:
+    node: Node
+    names: list[bytes]  # the merged listing, snapshotted at opendir; offsets index it
+    upper_names: set[bytes]  # what the upper directory held then (entries and whiteouts)
+    gen: int  # UnionCore._gen at opendir: while unchanged, upper_names is still true
+    pinned: set[Node] = field(default_factory=set)  # nodes readdir returned, kept till release
+
+
+class UnionCore:
+    def __init__(self, lowers: Sequence[str], upper: str | None = None, work: str | None = None,
+                 fmt: LayerFormat | None = None) -> None:
+        if isinstance(lowers, str | bytes):
+            raise TypeError("lowers is a sequence of layer directories, top first")
+        if not lowers and upper is None:
+            raise ValueError("a union needs at least one layer")
+        if (upper is None) != (work is None):
+            raise ValueError("upper and work come together (the workdir must be on the upper's filesystem)")
+        self.fmt = fmt if fmt is not None else whiteout.default_format()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # keep a quarter of the fds for open files; one per cached directory
+        self._fds = FdCache(min(4096, max(64, (soft if soft > 0 else 1024) // 4)))
+        self._lowers = LowerIndex(list(lowers), self._fds)
+        self._upper: Upper | None = None
+        try:
+            if upper is not None and work is not None:
+                self._upper = Upper(upper, work, self.fmt)
+        except BaseException:
+            self._lowers.close()
+            raise
+        primary = os.fstat(self._upper.root_fd) if self._upper else self._lowers.roots[0].st
+        self._lower_dev = self._lowers.roots[0].st.st_dev if self._lowers.roots else primary.st_dev
+        self._origin_xattr = origin_name(self._upper.prefix) if self._upper else ""
+        self._xnames = xattrs.Names("user.overlay." if self.fmt.userxattr else "trusted.overlay.")
+        self._table = InodeTable(primary.st_dev, self._forget_node)
+        root = Node(stat.S_IFDIR, None, b"")
+        root.number = ROOT_INODE
+        root.nlookup = 1  # the kernel's reference to the root is never forgotten
+        root.upper = self._upper is not None
+        root.chain = self._lowers.root_chain  # an opaque marker on the upper root counts neither
+        self._table.nodes[ROOT_INODE] = root
+        self._root = root
+        self._fhs: dict[int, FileHandle] = {}
+        self._dhs: dict[int, DirHandle] = {}
+        self._next_handle = 1
+        self._closed = False
+        self._gen = 0  # bumped by every change to the upper layer
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _writable(self) -> Upper:
+        """The upper layer, for an operation about to change it (EROFS without one)."""
+        if self._upper is None:
+            raise oserror(errno.EROFS, "read-only union (no upper layer)")
+        self._gen += 1  # readdir's "not in the upper" hints taken before now are void
+        return self._upper
+
+    def _handle_id(self) -> int:
+        h = self._next_handle
+        self._next_handle += 1
+        return h
+
+    def _forget_node(self, node: Node) -> None:
+        if node.is_dir:
+            self._fds.drop(node)
+
+    def _node(self, inode: int) -> Node:
+        return self._table.get(inode)
+
+    def _dir(self, inode: int) -> Node:
+        node = self._table.get(inode)
+        if not node.is_dir:
+            raise oserror(errno.ENOTDIR, "not a directory")
+        if node.dead:
+            raise oserror(errno.ENOENT, "directory was removed")
+        return node
+
+    @staticmethod
+    def _check_name(name: bytes, creating: bool = False) -> None:
+        if len(name) > NAME_MAX:
+            raise oserror(errno.ENAMETOOLONG, "name longer than NAME_MAX (255 bytes)", name[:64])
+        if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+            raise oserror(errno.EINVAL, "not a valid name", name)
+        if creating and name.startswith(WH):
+            # .wh.* names are whiteout markers in every layer format layerfs reads
+            raise oserror(errno.EINVAL, "names starting with .wh. are reserved for whiteouts", name)
+
+    def _upper_fd(self, node: Node) -> int:
+        """An fd of the upper directory behind the directory ``node`` (which is upper)."""
+        assert self._upper is not None and node.upper
+        if node is self._root:
+            return self._upper.root_fd
+        fd = self._fds.get(node)
+        if fd is not None:
+            return fd
+        # walk down from the nearest ancestor with an fd: never a long path, never recursion
+        path: list[Node] = []
+        cur: Node | None = node
+        base = -1
+        while cur is not None and cur is not self._root:
+            cached = self._fds.get(cur)
+            if cached is not None:
+                base = cached
+                break
+            path.append(cur)
+            cur = cur.parent
+        if base < 0:
+            base = self._upper.root_fd
+        owned = -1
+        try:
+            for step in reversed(path):
+                nxt = os.open(step.name, DIR_FLAGS, dir_fd=base)
+                if owned >= 0:
+                    os.close(owned)
+                owned = base = nxt
+        except BaseException:
+            if owned >= 0:
+                os.close(owned)
+            raise
+        self._fds.put(node, owned)
+        return owned
+
+    def _at(self, node: Node) -> tuple[int, bytes | None]:
+        """(dir fd, name) naming the upper entry of ``node``; name None: the fd is the entry
+        itself (the root, or an unlinked file reached through one of its open handles)."""
+        if node is self._root:
+            assert self._upper is not None
+            return self._upper.root_fd, None
+        parent = node.parent
+        if parent is None or node.dead:
+            for h in node.handles:
+                handle = self._fhs.get(h)
+                if handle is not None and handle.upper:
+                    return handle.fd, None
+            raise oserror(errno.ENOENT, "the file has no name left")
+        return self._upper_fd(parent), node.name
+
+    def _xattr_target(self, node: Node) -> xattrs.Target:
+        """Where the xattrs of an upper node are read and written (see ``xattrs.Target``)."""
+        fd, name = self._at(node)
+        return fd if name is None else proc_path(fd, name)
+
+    # --- resolution ---------------------------------------------------------------------
+
+    def _child(self, parent: Node, name: bytes, not_upper: bool = False) -> Node | None:
+        """The node of the visible entry ``name`` of the directory ``parent``, or None.
+        ``not_upper``: the caller knows the upper holds nothing at ``name``."""
+        node = parent.children.get(name)
+        if node is not None:
+            return node
+        node = self._resolve(parent, name, not_upper)
+        if node is not None:
+            parent.children[name] = node
+        return node
+
+    def _resolve(self, parent: Node, name: bytes, not_upper: bool = False) -> Node | None:
+        if name.startswith(WH):
+            return None  # markers are never entries
+        if parent.upper and self._upper is not None and not not_upper:
+            pfd = self._upper_fd(parent)
+            if self._upper_has_markers(parent, pfd) and len(name) + len(WH) <= NAME_MAX:
+                if _lexists(pfd, WH + name):
+                    return None  # a .wh.NAME file hides NAME in its own layer too
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if whiteout.is_whiteout_stat(st):
+                    return None
+                if stat.S_ISDIR(st.st_mode):
+                    return self._upper_dir_node(parent, name, pfd, st)
+                return self._upper_file_node(parent, name, pfd, st)
+        hit = self._lowers.lookup(parent.chain, name)
+        return None if hit is None else self._lower_node(parent, name, hit)
+
+    def _upper_has_markers(self, node: Node, fd: int) -> bool:
+        """Whether the upper directory of ``node`` may hold ``.wh.*`` files (scanned once;
+        this model only adds them with file whiteouts, and then sets the flag)."""
+        if node.upper_wh is None:
+            node.upper_wh = any(e.name.startswith(WH) for e in scan(fd))
+        return node.upper_wh
+
+    @staticmethod
+    def _dir_opaque(path: bytes, attrs: dict[str, bytes]) -> bool:
+        if any(attrs.get(n) == b"y" for n in OPAQUE_NAMES):
+            return True
+        return _lexists_path(path + b"/" + OPQ)
+
+    def _upper_dir_node(self, parent: Node, name: bytes, pfd: int, st: os.stat_result) -> Node:
+        path = proc_path(pfd, name)
+        attrs = xattrs.read_all(path)
+        node = Node(stat.S_IFDIR, parent, name)
+        node.upper = True
+        node.opaque = self._dir_opaque(path, attrs)
+        node.redirect = next((attrs[n] for n in REDIRECT_NAMES if n in attrs), None)
+        if not node.opaque:
+            node.chain = self._lowers.continue_dir(parent.chain, name, node.redirect)
+        top = node.chain[0].st if node.chain else st
+        self._table.register(node, self._table.number_for(top.st_dev, top.st_ino))
+        return node
+
+    def _upper_file_node(self, parent: Node, name: bytes, pfd: int, st: os.stat_result) -> Node:
+        key = (st.st_dev, st.st_ino)
+        node = self._table.by_backing.get(key)
+        if node is not None and not node.dead:
+            node.add_link(parent, name)  # another name of a hardlinked upper file
+            return node
+        node = Node(stat.S_IFMT(st.st_mode), parent, name)
+        node.upper = True
+        node.backing = key
+        origin = read_origin(proc_path(pfd, name), self._table, self._lower_dev)
+        self._table.register(node, origin if origin is not None else self._table.number_for(*key))
+        return node
+
+    def _lower_node(self, parent: Node, name: bytes, hit: LowerHit) -> Node:
+        if hit.kind == stat.S_IFDIR:
+            node = Node(stat.S_IFDIR, parent, name)
+            node.lower = hit
+            node.chain = hit.chain
+            top = hit.chain[0].st
+            self._table.register(node, self._table.number_for(top.st_dev, top.st_ino))
+            return node
+        # Lower hardlinks stay separate inodes, as in the kernel with index=off (it will not
+        # hash a lower file with nlink > 1 by its real inode: copy-up breaks the link). The
+        # first one looked up gets the lower inode number, the others numbers of their own
+        # (FUSE needs distinct numbers for distinct inodes; the kernel shows one for all).
+        st = self._lowers.stat(hit.dir, hit.name)
+        node = Node(hit.kind, parent, name)
+        node.lower = hit
+        self._table.register(node, self._table.number_for(st.st_dev, st.st_ino))
+        return node
+
+    def _list(self, node: Node, upper_names: set[bytes] | None = None) -> list[bytes]:
+        """The merged listing of a directory: its upper entries, then what the lowers show
+        that the upper neither has nor hides. ``upper_names`` collects every name the upper
+        directory holds (entries and whiteouts)."""
+        if node.dead:
+            return []
+        names: list[bytes] = []
+        hidden: set[bytes] = set()
+        if node.upper:
+            file_whiteouts: set[bytes] = set()
+            for ent in scan(self._upper_fd(node)):
+                name = ent.name
+                if name.startswith(WH):
+                    if name != OPQ and ent.is_file(follow_symlinks=False):
+                        file_whiteouts.add(name[len(WH):])
+                    continue
+                hidden.add(name)
+                if ent.is_dir(follow_symlinks=False) or ent.is_file(follow_symlinks=False) or ent.is_symlink():
+                    names.append(name)
+                elif not whiteout.is_whiteout_stat(ent.stat(follow_symlinks=False)):
+                    names.append(name)
+            if file_whiteouts:
+                names = [n for n in names if n not in file_whiteouts]
+                hidden |= file_whiteouts
+            if upper_names is not None:
+                upper_names |= hidden
+        if node.chain:
+            names.extend(n for n, _ in self._lowers.visible(self._lowers.merged(node.chain)) if n not in hidden)
+        return names
+
+    def _lower_positive(self, parent: Node, name: bytes) -> bool:
+        """Whether a lower layer shows ``name`` in ``parent`` (kernel: ovl_lower_positive):
+        removing or moving the upper entry must then leave a whiteout."""
+        return self._lowers.lookup(parent.chain, name) is not None
+
+    def _refuse_existing(self, parent: Node, name: bytes) -> None:
+        existing = self._child(parent, name)
+        if existing is not None:
+            self._done_with(existing)
+            raise oserror(errno.EEXIST, "already exists", name)
+
+    def _done_with(self, *nodes: Node | None) -> None:
+        """Drop nodes an operation resolved for itself if nothing else holds them."""
+        for node in nodes:
+            if node is not None:
+                self._table.maybe_drop(node)
+
+    # --- attributes ---------------------------------------------------------------------
+
+    def _stat(self, node: Node) -> os.stat_result:
+        if node.upper:
+            fd, name = self._at(node)
+            return os.fstat(fd) if name is None else os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if node.is_dir:
+            return node.chain[0].st if node.chain else self._lowers.roots[0].st
+        assert node.lower is not None
+        return self._lowers.stat(node.lower.dir, node.lower.name)
+
+    def _attr(self, node: Node) -> Attr:
+        if node is self._root and not node.upper:
+            st = self._lowers.roots[0].st
+        else:
+            st = self._stat(node)
+        nlink = st.st_nlink  # an unlinked file: its real file's count (0 if it was upper)
+        if node.is_dir and not node.dead and node.merged:
+            nlink = 1  # as the kernel: a merged directory's link count is unknown
+        return Attr(node.number, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
+                    st.st_blocks, st.st_blksize, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+                    immutable=not node.upper and not node.dead)
+
+    def _lower_xattrs(self, node: Node) -> dict[str, bytes]:
+        if node.is_dir:
+            d = node.chain[0] if node.chain else self._lowers.roots[0]
+            return self._lowers.xattrs(d, None) if d.parent is None else self._lowers.xattrs(d.parent, d.name)
+        assert node.lower is not None
+        return self._lowers.xattrs(node.lower.dir, node.lower.name)
+
+    # --- copy-up ------------------------------------------------------------------------
+
+    def _wait_idle(self, *nodes: Node | None) -> bool:
+        """Wait until no node is being copied up; True if the lock was released meanwhile."""
+        waited = False
+        for node in nodes:
+            while node is not None and node.busy:
+                self._cond.wait()
+                waited = True
+        return waited
+
+    def _copy_up_dirs(self, node: Node) -> None:
+        """Copy up the directory ``node`` and every ancestor not yet in the upper."""
+        missing: list[Node] = []
+        cur: Node | None = node
+        while cur is not None and not cur.upper:
+            missing.append(cur)
+            cur = cur.parent
+        for d in reversed(missing):
+            self._copy_up_dir(d)
+
+    def _copy_up_dir(self, node: Node) -> None:
+        upper = self._writable()
+        src: LowerDir = node.chain[0]
+        assert src.parent is not None
+        attrs = self._lowers.xattrs(src.parent, src.name)
+        pfd = self._upper_fd(node.parent) if node.parent is not None else upper.root_fd
+        tmp = upper.tmp_name()
+        os.mkdir(tmp, 0o700, dir_fd=upper.work_fd)
+        try:
+            fd = os.open(tmp, DIR_FLAGS, dir_fd=upper.work_fd)
+            try:
+                copyup.apply_meta_fd(fd, src.st, attrs, self._xnames)
+                renameat2(upper.work_fd, tmp, pfd, node.name, RENAME_NOREPLACE)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            os.rmdir(tmp, dir_fd=upper.work_fd)
+            raise
+        node.upper = True
+        node.upper_wh = False
+        self._gen += 1
+        self._fds.put(node, fd)
+
+    def _ensure_upper(self, node: Node, truncate: int | None = None) -> bool:
+        """Copy ``node`` (and its parents) up unless it is there. ``truncate``: only that
+        many bytes of data are needed (O_TRUNC, truncate). Returns True when the lock was
+        released meanwhile: the caller must then start over."""
+        if self._wait_idle(node):
+            return True
+        if node.upper:
+            return False
+        if node.dead or node.parent is None:
+            raise oserror(errno.ENOENT, "cannot copy up a file that has no name left")
+        parent = node.parent
+        self._copy_up_dirs(parent)
+        if node.is_dir:
+            self._copy_up_dir(node)
+            return False
+        return self._copy_up_file(node, parent, truncate)
+
+    def _copy_up_file(self, node: Node, parent: Node, truncate: int | None) -> bool:
+        upper = self._writable()
+        hit = node.lower
+        assert hit is not None
+        st = self._lowers.stat(hit.dir, hit.name)
+        attrs = self._lowers.xattrs(hit.dir, hit.name)
+        private = {self._origin_xattr: str(node.number).encode()}
+        tmp = upper.tmp_name()
+        released = False
+        try:
+            if stat.S_ISREG(st.st_mode):
+                released = self._copy_regular(node, hit, st, attrs, private, tmp, truncate)
+            else:
+                target = self._lowers.readlink(hit.dir, hit.name) if stat.S_ISLNK(st.st_mode) else None
+                copyup.make_special(upper.work_fd, tmp, st, target)
+                copyup.apply_meta_at(upper.work_fd, tmp, st, attrs, self._xnames, private)
+            # the parent may have moved while the lock was released: find its fd again
+            renameat2(upper.work_fd, tmp, self._upper_fd(node.parent or parent), node.name, RENAME_NOREPLACE)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=upper.work_fd)
+            except FileNotFoundError:
+                pass
+            raise
+        self._table.unbind_backing(node)
+        ust = os.stat(node.name, dir_fd=self._upper_fd(node.parent or parent), follow_symlinks=False)
+        node.backing = (ust.st_dev, ust.st_ino)
+        self._table.by_backing[node.backing] = node
+        node.upper = True
+        node.gen += 1
+        self._gen += 1  # also after the lock was released: a listing taken meanwhile is stale
+        return released
+
+    def _copy_regular(self, node: Node, hit: LowerHit, st: os.stat_result, attrs: dict[str, bytes],
+                      private: dict[str, bytes], tmp: bytes, truncate: int | None) -> bool:
+        upper = self._writable()
+        length = st.st_size if truncate is None else min(truncate, st.st_size)
+        src = os.open(hit.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._lowers.fd(hit.dir))
+        released = False
+        try:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                          dir_fd=upper.work_fd)
+            try:
+                if length > UNLOCKED_COPY_BYTES:
+                    node.busy = True
+                    self._lock.release()
+                    released = True
+                    try:
+                        copyup.copy_data(src, dst, length)
+                    finally:
+                        self._lock.acquire()
+                        node.busy = False
+                        self._cond.notify_all()
+                else:
+                    copyup.copy_data(src, dst, length)
+                copyup.apply_meta_fd(dst, st, attrs, self._xnames, private)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        return released
+
+    # --- handles ------------------------------------------------------------------------
+
+    def _open_fd(self, node: Node, flags: int) -> tuple[int, bool]:
+        """Open the real file of ``node``: (fd, whether it is the upper one)."""
+        if node.upper:
+            fd, name = self._at(node)
+            if name is None:  # unlinked: reopen through the handle's fd
+                return os.open(b"/proc/self/fd/%d" % fd, flags | os.O_CLOEXEC), True
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd), True
+        if node.dead:
+            for h in node.handles:
+                handle = self._fhs.get(h)
+                if handle is not None:
+                    return os.dup(handle.fd), False
+            raise oserror(errno.ENOENT, "the file has no name left")
+        assert node.lower is not None
+        fd = os.open(node.lower.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=self._lowers.fd(node.lower.dir))
+        return fd, False
+
+    def _refresh(self, h: FileHandle) -> None:
+        """A read-only handle opened on the lower file, after the file was copied up: read
+        the upper from now on (as the kernel does since 4.19). The old fd stays open until
+        release, so a read racing with this never sees a reused fd number."""
+        with self._lock:
+            if h.upper or h.gen == h.node.gen or not h.node.upper:
+                return
+            fd, _ = self._open_fd(h.node, os.O_RDONLY)
+            h.stale.append(h.fd)
+            h.fd, h.upper, h.gen = fd, True, h.node.gen
+
+    def _close_all(self) -> None:
+        for h in self._fhs.values():
+            for fd in (h.fd, *h.stale):
+                os.close(fd)
+        self._fhs.clear()
+        self._dhs.clear()
+        self._fds.close_all()
+        self._lowers.close()
+        if self._upper is not None:
+            self._upper.close()
+
+
+def _lexists(dir_fd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _lexists_path(path: bytes) -> bool:
+    try:
+        os.stat(path, follow_symlinks=False)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
