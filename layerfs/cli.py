@@ -83,4 +83,7 @@ def main() -> None:
 
     from . import cli_containers, cli_images  # noqa: F401  (register their commands)
 
+    from bench.cli import bench_cmd
+
+    cli.add_command(bench_cmd, "bench")
     cli(prog_name="layerfs")
