@@ -1,0 +1,175 @@
+"""``layerfs bench`` / ``python -m bench``: run the suite, print tables, write JSON and plots.
+
+Progress goes to stderr, the tables and targets to stdout, everything else to ``--out``
+(``results.json``, ``copyup.png``, ``depth.png``). The work directory (a fresh temp dir
+under ``--workdir``, default /var/tmp) holds all layer data and is removed at the end;
+whatever the run mounted is unmounted and every daemon it started is stopped, by PID, on
+the way out, Ctrl-C and SIGTERM included. ``native`` is always measured: it is what every
+ratio is relative to.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from . import backends as backends_mod
+from . import machine, report, targets
+from .runner import Runner, Workload, WorkloadResult
+from .storeops import StoreOps
+from .workloads import ALL as MOUNT_WORKLOADS
+
+WORKLOAD_NAMES = (*(w.name for w in MOUNT_WORKLOADS), StoreOps.name)
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(message: str) -> None:
+    click.echo(f"bench: {message}", err=True)
+
+
+def make_workloads(names: tuple[str, ...], quick: bool) -> list[Workload]:
+    chosen = set(names or WORKLOAD_NAMES)
+    out: list[Workload] = [cls(quick) for cls in MOUNT_WORKLOADS if cls.name in chosen]
+    if StoreOps.name in chosen:
+        out.append(StoreOps(quick))
+    return out
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the ``finally`` blocks unmount and stop daemons."""
+
+    def raise_interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """Cleanup must finish: a second Ctrl-C or SIGTERM during it is ignored."""
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def _cleanup(workdir: str) -> None:
+    with _no_interrupts():
+        leftovers = backends_mod.sweep(workdir)
+        for line in leftovers:
+            log(f"cleanup: {line}")
+        from layerfs.mount import kernel
+
+        still = kernel.mounts_under(workdir)
+        if still:
+            log(f"cleanup: NOT removing {workdir}: still mounted: {', '.join(still)}")
+            return
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quick", is_flag=True, help="Every workload small: the whole suite in well under a minute.")
+@click.option("--workload", "workload_names", multiple=True, type=click.Choice(WORKLOAD_NAMES),
+              help="Run only this workload (repeatable; default: all).")
+@click.option("--backend", "backend_names", multiple=True, type=click.Choice(backends_mod.NAMES),
+              help="Run only this backend (repeatable; default: all; native is always run).")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="Samples per case and backend (default 5, 3 with --quick).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where to make the run's temp dir for layer data (default /var/tmp; removed at the end).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write results.json and plots (default bench/results/<timestamp>).")
+@click.option("--no-plots", is_flag=True, help="Do not draw PNG plots.")
+def bench_cmd(quick: bool, workload_names: tuple[str, ...], backend_names: tuple[str, ...], rounds: int | None,
+              workdir: str | None, out_dir: str | None, no_plots: bool) -> None:
+    """Benchmark copy-on-write and union costs: every workload on every backend, interleaved."""
+    rounds = rounds or (3 if quick else 5)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(out_dir) if out_dir else DEFAULT_RESULTS / stamp
+    parent = workdir or "/var/tmp"
+    os.makedirs(parent, exist_ok=True)
+    run_dir = tempfile.mkdtemp(prefix="layerfs-bench-", dir=parent)
+    names = ("native", *backend_names) if backend_names else backends_mod.NAMES
+    chosen_backends = backends_mod.by_name(names)
+    workloads = make_workloads(workload_names, quick)
+    if not machine.is_root():
+        log("warning: not root: kernel mounts are skipped and cold runs cannot drop caches")
+    started = time.time()
+    results: dict[str, WorkloadResult] = {}
+    document: dict[str, Any] = {
+        "schema": report.SCHEMA, "command": sys.argv, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "quick": quick, "rounds": rounds, "workdir": run_dir,
+    }
+    interrupted = False
+    try:
+        with _terminate_as_interrupt():
+            document["machine"] = machine.machine_info(run_dir)
+            runner = Runner(run_dir, rounds, log, sample_timeout=120.0 if quick else 1800.0)
+            unavailable = runner.check_backends(chosen_backends)
+            document["backends"] = {
+                b.name: {"available": b.name not in unavailable, "reason": unavailable.get(b.name)}
+                for b in chosen_backends
+            }
+            for w in workloads:
+                results[w.name] = runner.run(w, chosen_backends, unavailable)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: cleaning up, then reporting what was measured")
+    finally:
+        _cleanup(run_dir)
+    document["duration_s"] = time.time() - started
+    document["interrupted"] = interrupted
+    _report(document, results, out, quick, no_plots)
+    if interrupted:
+        sys.exit(130)
+
+
+def _report(document: dict[str, Any], results: dict[str, WorkloadResult], out: Path, quick: bool,
+            no_plots: bool) -> None:
+    evaluated = targets.evaluate(results)
+    document["workloads"] = {name: report.workload_json(w) for name, w in results.items()}
+    document["targets"] = [t.as_json() for t in evaluated]
+    info = document.get("machine")
+    if info:
+        click.echo("machine: " + machine.describe(info))
+    click.echo(f"rounds: {document['rounds']}{' (quick sizes)' if quick else ''}; "
+               f"took {document['duration_s']:.0f}s\n")
+    for w in results.values():
+        click.echo(report.table(w) + "\n")
+    click.echo(targets.render(evaluated, quick))
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [] if no_plots else _plots(results, str(out))
+    document["plots"] = [os.path.basename(p) for p in plots]
+    path = out / "results.json"
+    report.write_json(str(path), document)
+    log(f"results: {path}" + (f"; plots: {', '.join(document['plots'])}" if plots else ""))
+
+
+def _plots(results: dict[str, WorkloadResult], out: str) -> list[str]:
+    from .plots import make_plots
+
+    try:
+        return make_plots(results, out, log)
+    except Exception as e:  # a plot is never worth losing the results over
+        log(f"plots failed: {type(e).__name__}: {e}")
+        return []

@@ -1,0 +1,200 @@
+"""What the benchmark ran on, and the few host-wide levers it pulls.
+
+- ``machine_info(workdir)``: kernel, CPU model, cores, memory, the filesystem under the work
+  directory and the versions of the peers (Debian packages fuse-overlayfs, unionfs-fuse,
+  containerd, fuse3, util-linux; Python packages pyfuse3, layerfs), for the JSON report.
+- ``drop_caches()``: ``sync; echo 3 > /proc/sys/vm/drop_caches`` (page cache, dentries,
+  inodes), what "cold" means in every cold measurement. Needs root.
+- ``process_cpu(pid)``: user + system CPU seconds of a process, all its threads, from
+  ``/proc/PID/stat`` fields 14 and 15 in clock ticks (``SC_CLK_TCK``, usually 100 Hz: a
+  resolution of 10 ms).
+- ``process_alive(pid)``: running and not a zombie.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+from typing import Any
+
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+DEBIAN_PACKAGES = ("fuse-overlayfs", "unionfs-fuse", "containerd", "fuse3", "util-linux")
+PYTHON_PACKAGES = ("pyfuse3", "layerfs", "trio", "matplotlib")
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def drop_caches() -> None:
+    """Write back dirty data, then drop the page cache, dentries and inodes (needs root)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: str) -> None:
+    """``syncfs(2)`` of the filesystem holding ``path`` (os has no wrapper for it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # comm (field 2) is in parentheses and may hold spaces: split after the last ')'
+    return text[text.rfind(")") + 2:].split()
+
+
+def process_cpu(pid: int | None) -> float | None:
+    """utime + stime of ``pid`` in seconds (None if there is no such process)."""
+    if pid is None:
+        return None
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+
+def process_alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes (not this one) with ``text`` in one of their command-line arguments."""
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        needle = text.encode()
+        if any(needle in a for a in args) and process_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def filesystem_of(path: str) -> dict[str, str]:
+    """Mount point, type, source and options of the filesystem holding ``path``."""
+    from layerfs.mount.probe import mount_table
+
+    real = os.path.realpath(path)
+    best: dict[str, str] = {}
+    for e in mount_table():
+        inside = real == e.mount_point or real.startswith(e.mount_point.rstrip("/") + "/")
+        if inside and len(e.mount_point) >= len(best.get("mount_point", "")):
+            best = {"mount_point": e.mount_point, "type": e.fs_type, "source": e.source,
+                    "options": ",".join(e.super_options)}
+    return best
+
+
+def debian_versions(packages: tuple[str, ...] = DEBIAN_PACKAGES) -> dict[str, str | None]:
+    """Installed versions of Debian packages (None where not installed or no dpkg)."""
+    out: dict[str, str | None] = dict.fromkeys(packages)
+    if shutil.which("dpkg-query") is None:
+        return out
+    proc = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package}\t${Status}\t${Version}\n", *packages],
+        capture_output=True, text=True,
+    )
+    for line in proc.stdout.splitlines():
+        name, status, version = (line.split("\t") + ["", ""])[:3]
+        if name in out and status.endswith("installed") and version:
+            out[name] = version
+    return out
+
+
+def python_versions(packages: tuple[str, ...] = PYTHON_PACKAGES) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(path: str) -> str | None:
+    """The commit of the layerfs checkout (with ``+dirty`` for local changes), if it is one."""
+    if shutil.which("git") is None:
+        return None
+    head = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", path, "status", "--porcelain"], capture_output=True, text=True)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine_info(workdir: str) -> dict[str, Any]:
+    """Everything about the host that the numbers depend on, JSON-ready."""
+    uname = os.uname()
+    return {
+        "hostname": uname.nodename,
+        "kernel": uname.release,
+        "kernel_version": uname.version,
+        "arch": uname.machine,
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_bytes": _mem_total(),
+        "clock_tick": CLOCK_TICK,
+        "python": platform.python_version(),
+        "root": is_root(),
+        "workdir": workdir,
+        "workdir_filesystem": filesystem_of(workdir),
+        "debian_packages": debian_versions(),
+        "python_packages": python_versions(),
+        "layerfs_commit": git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    }
+
+
+def describe(info: dict[str, Any]) -> str:
+    """One paragraph for the top of the report."""
+    fs = info.get("workdir_filesystem") or {}
+    pkgs = ", ".join(f"{k} {v}" for k, v in {**info["debian_packages"], **info["python_packages"]}.items() if v)
+    return (
+        f"{info['cpu_model']}, {info['cores']} cores, {info['memory_bytes'] / 2**30:.1f} GiB RAM, "
+        f"kernel {info['kernel']}, work dir on {fs.get('type', '?')} ({fs.get('source', '?')})\n{pkgs}"
+    )
