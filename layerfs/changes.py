@@ -118,7 +118,8 @@ def layer_changes(layer_dir: str, lowers: Sequence[str]) -> list[Change]:
     merged = LayerStack([layer_dir, *lowers])
     changes: list[Change] = []
     root_lower = stack.root()
-    _walk_layer_dir(stack, layer_dir, "", root_lower, whiteout.is_opaque(layer_dir), changes, merged)
+    # an opaque marker on a layer root is ignored, as kernel overlayfs ignores it
+    _walk_layer_dir(stack, layer_dir, "", root_lower, False, changes, merged)
     return sorted(changes)
 
 

@@ -79,11 +79,10 @@ def emit_json(value: Any) -> None:
 
 
 def main() -> None:
+    from bench.cli import bench_cmd
     from snapshotter import cli as _snapshotter_cli  # noqa: F401  (layerfs snapshotter serve)
 
     from . import cli_containers, cli_images  # noqa: F401  (register their commands)
-
-    from bench.cli import bench_cmd
 
     cli.add_command(bench_cmd, "bench")
     cli(prog_name="layerfs")

@@ -610,7 +610,13 @@ def test_st_ino_stable_across_copy_up_rename_and_remount(tmp_path: Path) -> None
         assert m.attr("").st_ino == ROOT_INODE
         assert m.attr("file").st_ino == real_file and m.attr("file").immutable
         assert m.attr("d").st_ino == real_d and m.attr("d").st_nlink == 1  # merged: nlink 1
-        assert m.attr("lonely").st_nlink == 2  # one layer only: the real count
+        assert m.attr("d").immutable  # ... before and after a copy-up
+        lonely = m.attr("lonely")
+        assert lonely.st_nlink == 2 and not lonely.immutable  # one layer: real count, until copy-up
+        fs.drain_invalidations()
+        ModelOps(m).write("lonely/new", b"n")
+        assert m.attr("lonely").st_nlink == 1  # merged now, as the kernel reports it
+        assert fs.drain_invalidations() == [lonely.st_ino]  # a change behind the kernel's back
         o.chmod("file", 0o600)
         o.write("d/sub/f", b"changed")
         o.rename("d", "d2")
@@ -1144,5 +1150,35 @@ def test_threads_share_one_model(tmp_path: Path) -> None:
     try:
         assert not errors, errors
         assert Model(fs).read("d/sub/f") == b"shared"
+    finally:
+        fs.destroy()
+
+
+def test_inode_numbers_fold_devices_and_avoid_collisions() -> None:
+    from layerfs.union.inodes import FRESH_BASE, InodeTable, Node, parse_kernel_origin
+
+    table = InodeTable(primary_dev=10, on_drop=lambda n: None)
+    assert table.number_for(10, 1234) == 1234  # the usual case: all layers on one filesystem
+    other = table.number_for(11, 1234)
+    assert other != 1234 and other == table.number_for(11, 1234)  # folded, deterministically
+    a, b, c = Node(0o100000, None, b""), Node(0o100000, None, b""), Node(0o100000, None, b"")
+    table.register(a, 1234)
+    table.register(b, 1234)  # taken: a fresh number
+    table.register(c, 1)  # the root's: never handed out
+    assert a.number == 1234 and b.number >= FRESH_BASE and c.number >= FRESH_BASE and b.number != c.number
+    # the kernel's origin handle: struct ovl_fb with an ext4 FILEID_INO32_GEN file id
+    fh = bytes([0, 0xFB, 29, 0, 1]) + bytes(16) + (2212146).to_bytes(4, "little") + bytes(4)
+    assert parse_kernel_origin(fh) == 2212146
+    assert parse_kernel_origin(fh[:-1]) is None and parse_kernel_origin(b"junk") is None
+
+
+@needs_root
+def test_workdir_garbage_is_removed_at_start(tmp_path: Path) -> None:
+    lowers = base_layers(tmp_path)
+    mkd(tmp_path, "w/work/#dead.1/sub", mode=0o700)
+    put(tmp_path, "w/work/#dead.2", "half a copy-up")
+    fs = new_union(tmp_path, lowers)
+    try:
+        assert os.listdir(tmp_path / "w/work") == []
     finally:
         fs.destroy()

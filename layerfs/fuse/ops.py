@@ -138,6 +138,16 @@ def _guard(handler: H) -> H:
             return await handler(self, *args)
         except Exception as e:
             raise self._fail(e, handler) from None
+        finally:
+            # Attributes the model changed as a side effect of this request (a directory
+            # whose link count moved when a deeper change copied it up) must not be served
+            # from the kernel's attribute cache.
+            drain = getattr(self.model, "drain_invalidations", None)
+            for ino in drain() if drain is not None else ():
+                try:
+                    pyfuse3.invalidate_inode(ino, attr_only=True)  # touches no page locks
+                except OSError:
+                    pass  # the kernel no longer knows that inode
 
     return cast(H, guarded)
 

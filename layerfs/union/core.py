@@ -112,6 +112,7 @@ class UnionCore:
         self._next_handle = 1
         self._closed = False
         self._gen = 0  # bumped by every change to the upper layer
+        self._invalidations: list[int] = []  # see UnionFS.drain_invalidations
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -366,7 +367,19 @@ class UnionCore:
             nlink = 1  # as the kernel: a merged directory's link count is unknown
         return Attr(node.number, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
                     st.st_blocks, st.st_blksize, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
-                    immutable=not node.upper and not node.dead)
+                    immutable=self._immutable(node))
+
+    def _immutable(self, node: Node) -> bool:
+        """Whether nothing can change what ``_attr`` reports for ``node`` while mounted.
+
+        Lower-only files change only through requests on themselves. A lower-only directory
+        is copied up as a side effect of changes below it: one served by a single layer then
+        becomes merged and its link count turns to 1, so it is not immutable in a writable
+        union; one merging several layers keeps nlink 1 (its size and ctime follow the upper
+        copy: ``drain_invalidations`` names those inodes)."""
+        if node.upper or node.dead:
+            return False
+        return not node.is_dir or self._upper is None or len(node.chain) > 1
 
     def _lower_xattrs(self, node: Node) -> dict[str, bytes]:
         if node.is_dir:
@@ -418,6 +431,7 @@ class UnionCore:
         node.upper = True
         node.upper_wh = False
         self._gen += 1
+        self._invalidations.append(node.number)  # its attributes changed behind the kernel
         self._fds.put(node, fd)
 
     def _ensure_upper(self, node: Node, truncate: int | None = None) -> bool:
@@ -443,7 +457,10 @@ class UnionCore:
         assert hit is not None
         st = self._lowers.stat(hit.dir, hit.name)
         attrs = self._lowers.xattrs(hit.dir, hit.name)
-        private = {self._origin_xattr: str(node.number).encode()}
+        # The kernel keeps the origin's number only where the lower file had one link (a
+        # broken lower hardlink shows the copy's own number): no record for hardlinks, so a
+        # remount shows the upper number too. A live node keeps its number (FUSE must).
+        private = {self._origin_xattr: str(node.number).encode()} if st.st_nlink == 1 else {}
         tmp = upper.tmp_name()
         released = False
         try:

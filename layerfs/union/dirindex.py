@@ -346,17 +346,18 @@ class LowerIndex:
         except KeyError:
             pass
         k = self._first_map(m).get(name)
+        if k is None:
+            return None  # in no layer: answered by the map, not memoized (misses are unbounded)
         hit = None
-        if k is not None:
-            d = chain[k]
-            kind = d._entries.get(name) if d._entries is not None else None
-            if kind is not None and kind != stat.S_IFDIR and name not in d._whiteouts:
-                hit = LowerHit(d, name, kind)  # the walk's answer for a non-directory, directly
-            else:
-                # layers above k neither have nor hide the name: starting at k is the same walk
-                found = self._walk(chain[k:], (name,), False, None)
-                if isinstance(found, LowerHit):
-                    hit = found
+        d = chain[k]
+        kind = d._entries.get(name) if d._entries is not None else None
+        if kind is not None and kind != stat.S_IFDIR and name not in d._whiteouts:
+            hit = LowerHit(d, name, kind)  # the walk's answer for a non-directory, directly
+        else:
+            # layers above k neither have nor hide the name: starting at k is the same walk
+            found = self._walk(chain[k:], (name,), False, None)
+            if isinstance(found, LowerHit):
+                hit = found
         m.memo[name] = hit
         return hit
 

@@ -322,6 +322,16 @@ class UnionFS(NamespaceOps):
             return StatFS(st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail,
                           st.f_files, st.f_ffree, st.f_favail, 255)
 
+    def drain_invalidations(self) -> list[int]:
+        """Inodes whose attributes changed as a side effect since the last call: the
+        directories copied up on the way to an entry a request changed (their link count,
+        size and ctime now come from the upper copy). Not part of ``UnionOps``: an adapter
+        that lets the kernel cache attributes passes these to ``pyfuse3.invalidate_inode``
+        (outside the request that caused them)."""
+        with self._lock:
+            out, self._invalidations = self._invalidations, []
+            return out
+
     def destroy(self) -> None:
         with self._lock:
             if not self._closed:

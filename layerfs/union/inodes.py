@@ -14,8 +14,9 @@ Inode numbers (``st_ino`` = the FUSE inode number):
 - otherwise the real ``st_ino`` of the entry's *origin*: for a lower entry the lower file;
   for a directory that merges lower directories the topmost of those (as the kernel
   reports); for an upper file copied up from a lower one the number recorded at copy-up
-  (see below), so copy-up and remount never change it; for a file created in the upper its
-  own ``st_ino``;
+  (see below), so copy-up and remount never change it (except, as in the kernel, for a
+  lower file with several links: after a remount its copy shows its own number); for a
+  file created in the upper its own ``st_ino``;
 - layers on another filesystem than the first one get their device folded in
   (``dev_index << 48 ^ ino``); a number already held by another live node (two filesystems
   with the same inode number, the second name of a lower hardlink) is replaced by a fresh

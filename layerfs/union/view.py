@@ -86,9 +86,8 @@ class LayerStack:
             st = os.lstat(layer)
             if not stat.S_ISDIR(st.st_mode):
                 continue
+            # An opaque marker on a layer root is ignored, as kernel overlayfs ignores it.
             contributing.append((i, ""))
-            if whiteout.is_opaque(layer):
-                break
         if not contributing:
             return None
         top = contributing[0][0]
