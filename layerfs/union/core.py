@@ -70,6 +70,7 @@ class DirHandle:
     upper_names: set[bytes]  # what the upper directory held then (entries and whiteouts)
     gen: int  # UnionCore._gen at opendir: while unchanged, upper_names is still true
     pinned: set[Node] = field(default_factory=set)  # nodes readdir returned, kept till release
+    served: bool = False  # whether readdir returned anything yet (offset 0 again = rewinddir)
 
 
 class UnionCore:

@@ -154,6 +154,13 @@ class UnionFS(NamespaceOps):
             out: list[DirEntry] = []
             if dh.node.dead:
                 return out
+            if offset <= 0 and dh.served and dh.gen != self._gen:
+                # rewinddir(3): the kernel shows the directory as it is now, not as it was
+                # at opendir; take a new snapshot (nodes pinned so far stay pinned)
+                dh.upper_names = set()
+                dh.names = self._list(dh.node, dh.upper_names)
+                dh.gen = self._gen
+            dh.served = True
             i = max(0, offset)
             fresh = dh.gen == self._gen  # nothing changed since opendir: skip upper lookups
             while i < len(dh.names) and len(out) < READDIR_CHUNK:
