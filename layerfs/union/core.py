@@ -38,6 +38,7 @@ from .dirindex import (
     LowerDir,
     LowerHit,
     LowerIndex,
+    open_dir_chain,
     scan,
 )
 from .inodes import InodeTable, Node, origin_name, read_origin
@@ -175,17 +176,7 @@ class UnionCore:
             cur = cur.parent
         if base < 0:
             base = self._upper.root_fd
-        owned = -1
-        try:
-            for step in reversed(path):
-                nxt = os.open(step.name, DIR_FLAGS, dir_fd=base)
-                if owned >= 0:
-                    os.close(owned)
-                owned = base = nxt
-        except BaseException:
-            if owned >= 0:
-                os.close(owned)
-            raise
+        owned = open_dir_chain(base, [step.name for step in reversed(path)])
         self._fds.put(node, owned)
         return owned
 

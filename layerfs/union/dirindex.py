@@ -41,6 +41,24 @@ from .syscalls import proc_path
 WH = whiteout.WHITEOUT_PREFIX.encode()
 OPQ = whiteout.OPAQUE_MARKER.encode()
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_dir_chain(base: int, names: Sequence[bytes]) -> int:
+    """Open the directory reached from the fd ``base`` through ``names``, one component at a
+    time with O_NOFOLLOW. Returns a new fd owned by the caller (-1 when ``names`` is empty);
+    ``base`` is never closed. On an error every fd opened on the way is closed."""
+    owned = -1
+    try:
+        for name in names:
+            nxt = os.open(name, DIR_FLAGS, dir_fd=base)
+            if owned >= 0:
+                os.close(owned)
+            owned = base = nxt
+    except BaseException:
+        if owned >= 0:
+            os.close(owned)
+        raise
+    return owned
 OPAQUE_NAMES = ("trusted.overlay.opaque", "user.overlay.opaque")
 REDIRECT_NAMES = ("trusted.overlay.redirect", "user.overlay.redirect")
 XWHITEOUT_NAMES = ("trusted.overlay.whiteout", "user.overlay.whiteout")
@@ -197,17 +215,7 @@ class LowerIndex:
         if base < 0:
             assert cur is not None
             base = self.root_fds[cur.layer]
-        owned = -1
-        try:
-            for step in reversed(path):
-                nxt = os.open(step.name, DIR_FLAGS, dir_fd=base)
-                if owned >= 0:
-                    os.close(owned)
-                owned = base = nxt
-        except BaseException:
-            if owned >= 0:
-                os.close(owned)
-            raise
+        owned = open_dir_chain(base, [step.name for step in reversed(path)])
         self.fds.put(d, owned)
         return owned
 
