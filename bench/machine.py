@@ -9,6 +9,8 @@
   ``/proc/PID/stat`` fields 14 and 15 in clock ticks (``SC_CLK_TCK``, usually 100 Hz: a
   resolution of 10 ms).
 - ``process_alive(pid)``: running and not a zombie.
+- ``settle_disk(path)``: wait until the disk holding ``path`` is idle (no I/O completed for a
+  moment), so one sample's cleanup does not land in the next one's time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from importlib import metadata
 from typing import Any
 
@@ -49,6 +52,38 @@ def syncfs(path: str) -> None:
             raise OSError(err, os.strerror(err), path)
     finally:
         os.close(fd)
+
+
+def _block_stat(path: str) -> str | None:
+    """The block-layer counters (``/sys/dev/block/M:m/stat``) of the device holding ``path``."""
+    dev = os.stat(path).st_dev
+    try:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def settle_disk(path: str, quiet: float = 0.03, timeout: float = 20.0) -> float:
+    """Wait until the disk under ``path`` has done no I/O for ``quiet`` seconds (at most
+    ``timeout``); returns the seconds waited.
+
+    Freeing a gigabyte-sized upper keeps the disk busy (writeback, journal, discards) after
+    ``sync`` returns; without this the next sample would pay for the previous one's cleanup.
+    """
+    start = time.monotonic()
+    last = _block_stat(path)
+    if last is None:
+        return 0.0
+    quiet_since = time.monotonic()
+    while time.monotonic() - start < timeout:
+        time.sleep(quiet / 3)
+        now = _block_stat(path)
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet:
+            break
+    return time.monotonic() - start
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -1,12 +1,12 @@
 """Running workloads on backends: interleaved rounds, fresh mounts, cleanup whatever happens.
 
 Order: for each workload, for each of its cases, ``rounds`` times: every backend once
-(native, kernel, kernel-plain, layerfs-fuse, fuse-overlayfs, unionfs-fuse), so a noisy
-moment hurts all alike; each round starts one backend further along that list, so no
-backend always runs right after the same one (after its cleanup freed gigabytes, say).
-Every sample gets a fresh scratch directory (upper, work, mount point), a fresh mount,
-``sync`` before it, ``drop_caches`` after mounting when the case is cold, and an unmount
-(daemon stopped), the scratch removed and ``sync`` after it.
+(round 1: native, kernel, kernel-plain, layerfs-fuse, fuse-overlayfs, unionfs-fuse; later
+rounds in a seeded shuffle of that order), so a noisy moment hurts all alike and no backend
+always runs right after the same one. Every sample gets a fresh scratch directory (upper,
+work, mount point), a fresh mount, ``sync`` before it, ``drop_caches`` after mounting when
+the case is cold, and an unmount (daemon stopped), the scratch removed and ``sync`` after
+it; after a write case's sample the runner also waits for the disk to go idle.
 
 Failures are data, not crashes: a backend that cannot run here is *skipped* (with the
 reason, for all cases), a case it cannot take (too many layers) is skipped for it, and a
@@ -23,6 +23,7 @@ Scratch layout under the run's work dir::
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import time
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 
 from .backends import PAIRS, Backend, MountFailed, Stack, sweep
 from .datagen import write_small
-from .machine import drop_caches, is_root
+from .machine import drop_caches, is_root, settle_disk
 from .measure import Meter, Metric
 from .storeops import StoreOps
 from .workloads import Case, MountWorkload
@@ -114,13 +115,15 @@ def _deadline(seconds: float) -> Iterator[None]:
 T = TypeVar("T")
 
 
-def rotated(items: Sequence[T], round_: int) -> list[T]:
-    """``items`` starting at ``round_ % len(items)``: each round runs every backend once, and
-    across rounds none always follows the same one (whose cleanup may still load the disk)."""
-    if not items:
-        return []
-    k = round_ % len(items)
-    return [*items[k:], *items[:k]]
+def round_order(items: Sequence[T], round_: int) -> list[T]:
+    """The order of round ``round_``: every item once; the first round as given, later rounds
+    shuffled (seeded by the round, so reproducible). A fixed or merely rotated order keeps
+    the same neighbours: a backend that always follows a quick one (native) would always run
+    while the disk still works off the cleanup of the heavy one before that."""
+    order = list(items)
+    if round_:
+        random.Random(round_).shuffle(order)
+    return order
 
 
 def _short(e: BaseException) -> str:
@@ -157,7 +160,7 @@ class Runner:
         os.makedirs(path)
         return path
 
-    def _remove_scratch(self, path: str) -> None:
+    def _remove_scratch(self, path: str, settle: bool = False) -> None:
         # never delete through a mount that is still there (it could be a view of the layers)
         if sweep(path):
             self.log(f"warning: had to clean up mounts or daemons under {path}")
@@ -165,6 +168,8 @@ class Runner:
         # the freeing (and, with -o discard, the trimming) of a big upper happens now, in
         # the untimed gap, not inside the next backend's sample
         os.sync()
+        if settle:
+            settle_disk(self.scratch_root)
 
     # --- backends -----------------------------------------------------------------------
 
@@ -219,6 +224,7 @@ class Runner:
         start = time.monotonic()
         cases = workload.prepare(data, self.log)
         os.sync()
+        settle_disk(data, quiet=0.5, timeout=60.0)  # the data's writeback is not the first sample's
         result.prepare_seconds = time.monotonic() - start
         self.log(f"[{workload.name}] layer data ready in {result.prepare_seconds:.1f}s")
         for case in cases:
@@ -230,7 +236,7 @@ class Runner:
                 else:
                     active.append(b)
             for r in range(self.rounds):
-                for b in rotated(active, r):
+                for b in round_order(active, r):
                     if result.failed(case.name, b.name):
                         continue
                     try:
@@ -268,7 +274,7 @@ class Runner:
             finally:
                 if backend.name == "native" and case.reset_native is not None:
                     case.reset_native(case.stack.native)
-                self._remove_scratch(scratch)
+                self._remove_scratch(scratch, settle=case.writes)
 
     # --- store workload --------------------------------------------------------------------
 
@@ -291,7 +297,7 @@ class Runner:
             else:
                 active.append(subject)
         for r in range(self.rounds):
-            for subject in rotated(active, r):
+            for subject in round_order(active, r):
                 if result.failed(workload.name, subject):
                     continue
                 scratch = self._scratch()
@@ -304,7 +310,7 @@ class Runner:
                     self.log(f"[{workload.name}] {r + 1}/{self.rounds} {subject}: FAILED: {_short(e)}")
                     continue
                 finally:
-                    self._remove_scratch(scratch)
+                    self._remove_scratch(scratch, settle=True)
                 result.add(workload.name, subject, r, meter)
                 shown = ", ".join(f"{k} {_fmt(v)}" for k, v in meter.values.items())
                 self.log(f"[{workload.name}] {r + 1}/{self.rounds} {subject}: {shown}")

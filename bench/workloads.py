@@ -44,6 +44,7 @@ class Case:
     cold: bool = False
     mount_metric: Metric | None = None  # record the mount time under this metric
     reset_native: Callable[[str], None] | None = None
+    writes: bool = False  # leaves big uppers behind: let the disk settle after each sample
 
     @property
     def layers(self) -> int:
@@ -152,8 +153,8 @@ class Metadata(MountWorkload):
 
     def __init__(self, quick: bool) -> None:
         super().__init__(quick)
-        self.top, self.sub, self.files = (10, 30, 10) if quick else (50, 100, 10)
-        self.big = 2000 if quick else 10000
+        self.top, self.sub, self.files = (8, 20, 8) if quick else (50, 100, 10)
+        self.big = 1000 if quick else 10000
 
     @property
     def n_dirs(self) -> int:
@@ -275,7 +276,7 @@ class CopyUp(MountWorkload):
                 os.truncate(path, size)
                 os.chmod(path, 0o644)
 
-        return [Case("copy-up", Stack(tuple(lowers), native), measure, reset_native=reset)]
+        return [Case("copy-up", Stack(tuple(lowers), native), measure, reset_native=reset, writes=True)]
 
 
 # --- layer depth -----------------------------------------------------------------------
@@ -341,8 +342,8 @@ class Writes(MountWorkload):
 
     def __init__(self, quick: bool) -> None:
         super().__init__(quick)
-        self.creates = 300 if quick else 10000
-        self.lower_dirs = 100 if quick else 1000
+        self.creates = 200 if quick else 10000
+        self.lower_dirs = 50 if quick else 1000
 
     def describe(self) -> str:
         return (f"create {self.creates} files of 100 bytes (open O_CREAT|O_EXCL, write, close) in a new dir, then "
@@ -388,7 +389,7 @@ class Writes(MountWorkload):
                 except FileNotFoundError:
                     pass
 
-        return [Case("writes", Stack(tuple(lowers), native), measure, reset_native=reset)]
+        return [Case("writes", Stack(tuple(lowers), native), measure, reset_native=reset, writes=True)]
 
 
 ALL: tuple[type[MountWorkload], ...] = (Read, Metadata, CopyUp, Depth, Writes)
