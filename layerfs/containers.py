@@ -124,7 +124,8 @@ def commit(store: Store, c: Container, new_ref: str, message: str | None = None,
     ref = images.normalize_ref(new_ref)
     base_manifest = json.loads(store.content.read(c.manifest_digest))
     base_config = json.loads(store.content.read(c.config_digest))
-    with tempfile.TemporaryDirectory(prefix="commit-", dir=store.tmp_dir) as tmp:
+    # the shared store lock keeps fsck --repair away from tmp/commit-* while it is in use
+    with store.shared_lock(), tempfile.TemporaryDirectory(prefix="commit-", dir=store.tmp_dir) as tmp:
         tar_path = os.path.join(tmp, "layer.tar")
         with open(tar_path, "wb") as f:
             changes.write_layer_tar(upper(store, c), f, lowers(store, c))

@@ -4,10 +4,11 @@ The store and containers *describe* mounts (``MountSpec``); this module asks the
 ``layerfs/mount/`` to execute them and records each one in the ``mounts`` table, so that
 ``rmi``/``gc``/``rm`` refuse to remove what is in use.
 
-Record lifecycle: the record is committed *before* the mount syscall and deleted if the
-mount fails, so a crash can leave a record without a mount but never a layerfs mount
-without a record. A record is *stale* when it was made in another boot
-(``/proc/sys/kernel/random/boot_id`` differs) or its target is no longer a mount point;
+Record lifecycle: the record is committed *before* the mount syscall (carrying the pid of
+the process mounting) and deleted if the mount fails, so a crash can leave a record without
+a mount but never a layerfs mount without a record. A record is *stale* when it was made in
+another boot (``/proc/sys/kernel/random/boot_id`` differs), or when its target is not a
+mount point and its pid (the mounting process while pending, the daemon for FUSE) is gone;
 stale records are dropped whenever records are listed.
 """
 
@@ -60,11 +61,27 @@ def records(store: Store, prune: bool = True) -> list[MountRecord]:
         for r in rows:
             rec = MountRecord(r["target"], r["snapshot_key"], r["backend"], bool(r["readonly"]), r["pid"],
                               r["boot_id"], r["created_ns"])
-            (live if rec.boot_id == boot and rec.target in points else stale).append(rec)
+            # A record is made before its mount exists (see the module docstring) and carries
+            # the pid of the process making it until then: while that lives, it is pending,
+            # not stale. A FUSE record keeps its daemon's pid.
+            alive = rec.boot_id == boot and (rec.target in points or _alive(rec.pid))
+            (live if alive else stale).append(rec)
     if prune and stale:
         with store.meta.transaction() as db:
             db.executemany("DELETE FROM mounts WHERE target=?", [(r.target,) for r in stale])
     return live
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def image_spec(store: Store, img: Image, *, dev: bool = False, suid: bool = False) -> MountSpec:
@@ -139,7 +156,7 @@ def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend
         raise NotFound(f"mount point {target} does not exist or is not a directory")
     chosen, why_not_kernel = _choose_backend(backend, spec, store.root)
     records(store)  # drop stale records first, so a stale one does not block this target
-    rec = MountRecord(target, snapshot_key, chosen, spec.readonly, None, boot_id(), now_ns())
+    rec = MountRecord(target, snapshot_key, chosen, spec.readonly, os.getpid(), boot_id(), now_ns())
     with store.meta.transaction() as db:
         if db.execute("SELECT 1 FROM mounts WHERE target=?", (target,)).fetchone():
             raise AlreadyExists(f"{target} already has a layerfs mount")
@@ -154,6 +171,10 @@ def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend
                 if backend != "auto" or (spec.type == BIND and not spec.readonly):
                     raise
                 chosen, why_not_kernel = "fuse", str(e)
+            else:
+                rec = MountRecord(target, snapshot_key, "kernel", spec.readonly, None, rec.boot_id, rec.created_ns)
+                with store.meta.transaction() as db:  # live now: no longer pending on this process
+                    db.execute("UPDATE mounts SET pid=NULL WHERE target=?", (target,))
         if chosen == "fuse":
             try:
                 pid = fuse.mount(spec, target)

@@ -120,6 +120,7 @@ class Store:
         self.fmt = self._layer_format()
         self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         self._lock_depth = 0
+        self._lock_mode = 0
 
     def close(self) -> None:
         self.meta.close()
@@ -147,14 +148,28 @@ class Store:
     # -- locking -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _flock(self, mode: int, what: str) -> Iterator[None]:
+        """flock on this Store's fd, re-entrant: a nested acquire of the same or a weaker
+        mode only counts (an inner unlock must not drop the outer lock); upgrading a shared
+        lock to exclusive in place is refused (it could deadlock with another upgrader)."""
+        if self._lock_depth:
+            if mode == fcntl.LOCK_EX and self._lock_mode != fcntl.LOCK_EX:
+                raise RuntimeError("store lock: cannot upgrade a held shared lock to exclusive")
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         try:
             fcntl.flock(self._lock_fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"layerfs: waiting for the store lock ({what})", file=sys.stderr)
             fcntl.flock(self._lock_fd, mode)
+        self._lock_depth, self._lock_mode = 1, mode
         try:
             yield
         finally:
+            self._lock_depth = 0
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def shared_lock(self) -> contextlib.AbstractContextManager[None]:
@@ -248,6 +263,17 @@ class Store:
         """
         if kind not in ("active", "view"):
             raise ValueError(kind)
+        with self.shared_lock():  # fsck --repair must not take the staging or the new dir
+            return self._create_active(key, parent, kind, in_txn, labels)
+
+    def _create_active(
+        self,
+        key: str,
+        parent: str | None,
+        kind: str,
+        in_txn: Callable[[sqlite3.Connection, int], None] | None,
+        labels: dict[str, str] | None,
+    ) -> Snapshot:
         staging = self.new_staging()
         os.mkdir(os.path.join(staging, "work"), 0o700)
         ts = now_ns()
@@ -354,8 +380,8 @@ class Store:
         committed: list[Digest] = []
         placed: list[str] = []
         ts = now_ns()
-        try:
-            with self.meta.transaction() as db:
+        with self.meta.transaction() as db:
+            try:
                 failpoint.hit("commit.txn-begin")
                 for b in blobs:
                     if b.staged is not None and b.staged.place():
@@ -394,17 +420,21 @@ class Store:
                     )
                     db.executemany("INSERT INTO image_blobs VALUES (?, ?)", [(name, d) for d in image_blobs])
                 failpoint.hit("commit.before-commit")
-        except BaseException:
-            # The transaction rolled back: what was renamed in is now unknown to the database.
-            for path in placed:
-                remove_path(path)
-            raise
+            except BaseException:
+                # The transaction will roll back: what was renamed in is unknown to the
+                # database. Remove it *before* the rollback releases the write lock, or a
+                # writer waiting for it could reuse the id (or share a blob) and lose its files.
+                for path in placed:
+                    remove_path(path)
+                raise
         failpoint.hit("commit.after-commit")
         fsync_dir(os.path.join(self.root, "snapshots"))
         return committed
 
     def tag(self, source: str, target: str) -> None:
         img = self.get_image(source)
+        if target == img.name:
+            return  # already so named (deleting the target first would delete the image)
         with self.meta.transaction() as db:
             db.execute("DELETE FROM images WHERE name=?", (target,))
             db.execute(

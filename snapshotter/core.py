@@ -219,9 +219,10 @@ class Snapshotter:
         ``fn`` may call ``stat`` (the listing is read before the first call)."""
         self._check_open()
         parsed = filters.parse_all(filter_strings)
+        # substr, not LIKE: LIKE ignores ASCII case, and namespaces must not mix
         rows = self.store.meta.db.execute(
-            "SELECT id FROM snapshots WHERE key LIKE ? ESCAPE '\\' ORDER BY id",
-            (_like_prefix(self.prefix),)).fetchall()
+            "SELECT id FROM snapshots WHERE substr(key, 1, ?) = ? ORDER BY id",
+            (len(self.prefix), self.prefix)).fetchall()
         infos = [self._info(self.store.snapshot_by_id(r["id"])) for r in rows]
         for info in infos:
             if filters.match_any(parsed, _adaptor(info)):
@@ -241,10 +242,6 @@ class Snapshotter:
 
     def close(self) -> None:
         self.closed = True
-
-
-def _like_prefix(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _adaptor(info: Info) -> filters.Adaptor:

@@ -458,3 +458,12 @@ def test_mount_descriptions(tmp_path: Path) -> None:
     sn.prepare("../../etc/passwd weird key/with spaces", "")
     assert sn.stat("../../etc/passwd weird key/with spaces").kind == "active"
     store.close()
+
+
+def test_namespaces_do_not_mix(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "s"))
+    Snapshotter(store, namespace="k8s").prepare("x", "")
+    Snapshotter(store, namespace="k8s_other").prepare("y", "")
+    assert Snapshotter(store, namespace="K8S").infos() == []
+    assert [i.name for i in Snapshotter(store, namespace="k8s").infos()] == ["x"]
+    store.close()

@@ -74,3 +74,49 @@ def test_progress_only_on_a_terminal(tmp_path: Path) -> None:
     assert "Copying" not in quiet
     piped = subprocess.run([*loud, "import-layer", layer, "--name", "c:1"], capture_output=True, text=True)
     assert piped.returncode == 0 and "Copying" not in piped.stderr
+
+
+def test_store_lock_is_reentrant_and_excludes_repair(tmp_path: Path) -> None:
+    a = Store(str(tmp_path / "s"))
+    b = Store(str(tmp_path / "s"))
+    try:
+        with a.shared_lock():
+            with a.shared_lock():  # nested (the gRPC service wraps create_active in one)
+                assert not b.try_exclusive()
+            assert not b.try_exclusive(), "an inner unlock dropped the outer shared lock"
+            try:
+                with a.exclusive_lock():
+                    raise AssertionError("upgrading a held shared lock must be refused")
+            except RuntimeError:
+                pass
+        assert b.try_exclusive()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_tag_onto_itself_keeps_the_image(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    layer = write_layer(str(tmp_path / "l.tar"), {"f": b"x"})
+    assert subprocess.run(_cmd(root, "import-layer", layer, "--name", "foo:latest")).returncode == 0
+    for target in ("foo", "foo:latest"):
+        assert subprocess.run(_cmd(root, "tag", "foo:latest", target)).returncode == 0
+    assert subprocess.run(_cmd(root, "gc")).returncode == 0
+    with Store(str(root)) as s:
+        assert [i.name for i in s.list_images()] == ["foo:latest"]
+        assert s.fsck().clean and len(s.list_snapshots()) == 1
+
+
+def test_pending_mount_record_is_not_stale(tmp_path: Path) -> None:
+    from layerfs import mounting
+
+    with Store(str(tmp_path / "s")) as s:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        with s.meta.transaction() as db:
+            for target, pid in (("/nonexistent/pending", os.getpid()), ("/nonexistent/stale", dead.pid)):
+                db.execute("INSERT INTO mounts VALUES (?, 'k', 'kernel', 1, ?, ?, 0)",
+                           (target, pid, mounting.boot_id()))
+        assert [r.target for r in mounting.records(s)] == ["/nonexistent/pending"]
+        rows = [r["target"] for r in s.meta.db.execute("SELECT target FROM mounts")]
+        assert rows == ["/nonexistent/pending"]
