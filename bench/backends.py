@@ -272,9 +272,10 @@ def fuse_unmount(target: str) -> None:
         _kernel_unmount(target)
 
 
-def _stop(pids: Sequence[int]) -> None:
-    """Wait for daemons to exit after their unmount; SIGTERM then SIGKILL the ones that do not."""
-    deadline = time.monotonic() + DAEMON_EXIT_TIMEOUT
+def _stop(pids: Sequence[int], grace: float = DAEMON_EXIT_TIMEOUT) -> None:
+    """Wait up to ``grace`` seconds for processes to exit on their own (daemons after their
+    unmount); then SIGTERM, then SIGKILL the ones that do not."""
+    deadline = time.monotonic() + grace
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None:
             for pid in pids:
@@ -364,22 +365,9 @@ def sweep(workdir: str) -> list[str]:
             done.append(f"could not unmount {point}: {e}")
     pids = processes_mentioning(real)
     if pids:
-        _stop_now(pids)
+        _stop(pids, grace=0)
         done.append("stopped processes " + ", ".join(map(str, pids)))
     return done
-
-
-def _stop_now(pids: Sequence[int]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            if process_alive(pid):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 5.0
-        while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.02)
 
 
 def _is_fuse(point: str) -> bool:
