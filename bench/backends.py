@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from layerfs.mountspec import MountSpec, escape_path
-
-from .machine import is_root, process_alive, processes_mentioning
+from bench.machine import is_root, processes_mentioning
+from layerfs.linux.proc import pid_alive
+from layerfs.mount.spec import MountSpec, escape_path
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 KERNEL_MAX_LAYERS = 500  # overlayfs' OVL_MAX_STACK
@@ -45,10 +45,10 @@ DAEMON_EXIT_TIMEOUT = 10.0
 
 def container_options() -> tuple[str, ...]:
     """The overlay options layerfs mounts writable containers with (both kernel backends use them)."""
+    import layerfs.mount.spec
     import layerfs.mounting
-    import layerfs.mountspec
 
-    for module, name in ((layerfs.mountspec, "WRITABLE_OVERLAY_OPTIONS"), (layerfs.mounting, "CONTAINER_OPTIONS")):
+    for module, name in ((layerfs.mount.spec, "WRITABLE_OVERLAY_OPTIONS"), (layerfs.mounting, "CONTAINER_OPTIONS")):
         options = getattr(module, name, None)
         if options is not None:
             return tuple(options)
@@ -279,15 +279,15 @@ def _stop(pids: Sequence[int], grace: float = DAEMON_EXIT_TIMEOUT) -> None:
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None:
             for pid in pids:
-                if process_alive(pid):
+                if pid_alive(pid):
                     try:
                         os.kill(pid, sig)
                     except ProcessLookupError:
                         pass
             deadline = time.monotonic() + 5.0
-        while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.01)
-        if not any(process_alive(p) for p in pids):
+        if not any(pid_alive(p) for p in pids):
             return
 
 
@@ -311,7 +311,7 @@ class LayerfsFuse(FuseProgram):
     def command(self, stack: Stack, upper: str, work: str, target: str) -> list[str]:
         lowers = ":".join(escape_path(p) for p in stack.lowers)
         opts = f"lowerdir={lowers},upperdir={escape_path(upper)},workdir={escape_path(work)}"
-        return [sys.executable, "-m", "layerfs.fuse_main", "-o", opts, target]
+        return [sys.executable, "-m", "layerfs.fuse.main", "-o", opts, target]
 
 
 class FuseOverlayfs(FuseProgram):
@@ -371,6 +371,6 @@ def sweep(workdir: str) -> list[str]:
 
 
 def _is_fuse(point: str) -> bool:
-    from layerfs.mount.probe import mount_table
+    from layerfs.linux.mountinfo import mount_table
 
     return any(e.mount_point == point and e.fs_type.startswith("fuse") for e in mount_table())

@@ -25,11 +25,11 @@ from typing import Any
 
 import click
 
-from . import backends as backends_mod
-from . import machine, report, targets
-from .runner import Runner, Workload, WorkloadResult
-from .storeops import StoreOps
-from .workloads import ALL as MOUNT_WORKLOADS
+from bench import backends as backends_mod
+from bench import machine, report, targets
+from bench.runner import Runner, Workload, WorkloadResult
+from bench.storeops import StoreOps
+from bench.workloads import ALL as MOUNT_WORKLOADS
 
 WORKLOAD_NAMES = (*(w.name for w in MOUNT_WORKLOADS), StoreOps.name)
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -166,7 +166,7 @@ def _report(document: dict[str, Any], results: dict[str, WorkloadResult], out: P
 
 
 def _plots(results: dict[str, WorkloadResult], out: str) -> list[str]:
-    from .plots import make_plots
+    from bench.plots import make_plots
 
     try:
         return make_plots(results, out, log)

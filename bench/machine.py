@@ -8,7 +8,6 @@
 - ``process_cpu(pid)``: user + system CPU seconds of a process, all its threads, from
   ``/proc/PID/stat`` fields 14 and 15 in clock ticks (``SC_CLK_TCK``, usually 100 Hz: a
   resolution of 10 ms).
-- ``process_alive(pid)``: running and not a zombie.
 - ``settle_disk(path)``: wait until the disk holding ``path`` is idle (no I/O completed for a
   moment), so one sample's cleanup does not land in the next one's time.
 """
@@ -23,6 +22,9 @@ import subprocess
 import time
 from importlib import metadata
 from typing import Any
+
+from layerfs.linux.libc import libc
+from layerfs.linux.proc import pid_alive, stat_fields
 
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 DEBIAN_PACKAGES = ("fuse-overlayfs", "unionfs-fuse", "containerd", "fuse3", "util-linux")
@@ -40,14 +42,13 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def syncfs(path: str) -> None:
     """``syncfs(2)`` of the filesystem holding ``path`` (os has no wrapper for it)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
+        if libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), path)
     finally:
@@ -86,30 +87,15 @@ def settle_disk(path: str, quiet: float = 0.03, timeout: float = 20.0) -> float:
     return time.monotonic() - start
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    # comm (field 2) is in parentheses and may hold spaces: split after the last ')'
-    return text[text.rfind(")") + 2:].split()
-
-
 def process_cpu(pid: int | None) -> float | None:
     """utime + stime of ``pid`` in seconds (None if there is no such process)."""
     if pid is None:
         return None
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None:
         return None
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
-
-
-def process_alive(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -125,7 +111,7 @@ def processes_mentioning(text: str) -> list[int]:
         except OSError:
             continue
         needle = text.encode()
-        if any(needle in a for a in args) and process_alive(int(entry)):
+        if any(needle in a for a in args) and pid_alive(int(entry)):
             found.append(int(entry))
     return found
 
@@ -154,7 +140,7 @@ def _mem_total() -> int:
 
 def filesystem_of(path: str) -> dict[str, str]:
     """Mount point, type, source and options of the filesystem holding ``path``."""
-    from layerfs.mount.probe import mount_table
+    from layerfs.linux.mountinfo import mount_table
 
     real = os.path.realpath(path)
     best: dict[str, str] = {}

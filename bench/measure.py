@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .machine import process_cpu
+from bench.machine import process_cpu
 
 
 @dataclass(frozen=True)

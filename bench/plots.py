@@ -15,8 +15,8 @@ import math
 import os
 from collections.abc import Callable, Mapping
 
-from .report import summarize
-from .runner import WorkloadResult
+from bench.report import summarize
+from bench.runner import WorkloadResult
 
 Log = Callable[[str], None]
 PLOTTED = {"copyup": ("file size (bytes)", "copy-up latency"), "depth": ("layers", "latency")}

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from .runner import WorkloadResult
+from bench.runner import WorkloadResult
 
 SCHEMA = 1
 

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
 
-from .backends import PAIRS, Backend, MountFailed, Stack, sweep
-from .datagen import write_small
-from .machine import drop_caches, is_root, settle_disk
-from .measure import Meter, Metric
-from .storeops import StoreOps
-from .workloads import Case, MountWorkload
+from bench.backends import PAIRS, Backend, MountFailed, Stack, sweep
+from bench.datagen import write_small
+from bench.machine import drop_caches, is_root, settle_disk
+from bench.measure import Meter, Metric
+from bench.storeops import StoreOps
+from bench.workloads import Case, MountWorkload
 
 Log = Callable[[str], None]
 Workload = MountWorkload | StoreOps

@@ -43,9 +43,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .datagen import human_size, write_file, write_small
-from .machine import process_cpu
-from .measure import Meter, Metric
+from bench.datagen import human_size, write_file, write_small
+from bench.machine import process_cpu
+from bench.measure import Meter, Metric
 
 Log = Callable[[str], None]
 IMAGE_NAME = "docker.io/library/layerfs-bench:1"

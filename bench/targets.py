@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .report import fmt_ratio, fmt_seconds, ratio, why_missing
-from .runner import WorkloadResult
+from bench.report import fmt_ratio, fmt_seconds, ratio, why_missing
+from bench.runner import WorkloadResult
 
 MET, NOT_MET, SKIPPED = "MET", "NOT MET", "SKIPPED"
 FUSE, PEER = "layerfs-fuse", "fuse-overlayfs"

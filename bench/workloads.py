@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .backends import Stack
-from .datagen import SMALL, human_size, tree, write_file, write_small
-from .measure import Meter, Metric, Timing
+from bench.backends import Stack
+from bench.datagen import SMALL, human_size, tree, write_file, write_small
+from bench.measure import Meter, Metric, Timing
 
 Log = Callable[[str], None]
 

@@ -1,3 +1,3 @@
-from .cli import main
+from layerfs.cli import main
 
 main()

@@ -19,11 +19,11 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from . import containers, mounting
-from .catalog import read_config, resolve_image
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from .store import Store
-from .union.view import LayerStack
+from layerfs import containers, mounting
+from layerfs.catalog import read_config, resolve_image
+from layerfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from layerfs.store import Store
+from layerfs.union.view import LayerStack
 
 GUARDED = ("dev", "proc", "sys")
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -1,8 +1,8 @@
-"""What the store holds, gathered into the plain records ``layerfs.inspect`` renders.
+"""What the store holds, gathered into the plain records ``layerfs.cli.render`` renders.
 
 Reads image configs (history, created) from the content store and layer rows from the
 metadata; computes per-layer changes and image-to-image tree diffs with
-``layerfs.changes``. Read-only: nothing here changes the store.
+``layerfs.layer.changes``. Read-only: nothing here changes the store.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import json
 from datetime import datetime
 from typing import Any
 
-from . import changes
-from .digest import Digest
-from .inspect import DfRow, ImageInfo, LayerInfo
-from .store import Image, Store
-from .union.view import LayerStack
+from layerfs.cli.render import DfRow, ImageInfo, LayerInfo
+from layerfs.digest import Digest
+from layerfs.layer import changes
+from layerfs.store import Image, Store
+from layerfs.union.view import LayerStack
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -106,7 +106,7 @@ def df_rows(store: Store) -> list[DfRow]:
 
 def resolve_image(store: Store, ref: str) -> Image:
     """An image by name, by (a prefix of) its image id, or by full config digest."""
-    from .images import normalize_ref
+    from layerfs.image.source import normalize_ref
 
     img = store.find_image(ref)
     if img is not None:

@@ -23,11 +23,13 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from . import changes, images, importer
-from .digest import Digest
-from .errors import AlreadyExists, InUse, InvalidArgument, NotFound
-from .metadata import now_ns
-from .store import Image, Snapshot, Store, disk_usage
+from layerfs import importer
+from layerfs.digest import Digest
+from layerfs.errors import AlreadyExists, InUse, InvalidArgument, NotFound
+from layerfs.image import source as images
+from layerfs.layer import changes
+from layerfs.store import Image, Snapshot, Store, disk_usage
+from layerfs.store.schema import now_ns
 
 KEY_PREFIX = "layerfs/container/"
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")

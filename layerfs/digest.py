@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from typing import Protocol
 
-from .errors import DigestMismatch, InvalidArgument
+from layerfs.errors import DigestMismatch, InvalidArgument
 
 
 class Readable(Protocol):

@@ -16,12 +16,13 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any, BinaryIO
 
-from . import changes, images
-from .catalog import resolve_image
-from .digest import Digest
-from .errors import InvalidImage, UsageError
-from .importer import MEDIA_OCI_CONFIG, MEDIA_OCI_LAYER, MEDIA_OCI_MANIFEST
-from .store import Image, Store
+from layerfs.catalog import resolve_image
+from layerfs.digest import Digest
+from layerfs.errors import InvalidImage, UsageError
+from layerfs.image import source as images
+from layerfs.importer import MEDIA_OCI_CONFIG, MEDIA_OCI_LAYER, MEDIA_OCI_MANIFEST
+from layerfs.layer import changes
+from layerfs.store import Image, Store
 
 
 def _blob_opener(store: Store, digest: Digest) -> Any:

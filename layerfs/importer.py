@@ -20,11 +20,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import archive, compression, failpoint, images
-from .digest import Digest, VerifyingReader, chain_ids
-from .errors import DigestMismatch, InvalidImage, UsageError
-from .progress import Progress
-from .store import BlobRecord, StagedLayer, Store
+from layerfs import failpoint
+from layerfs.digest import Digest, VerifyingReader, chain_ids
+from layerfs.errors import DigestMismatch, InvalidImage, UsageError
+from layerfs.image import source as images
+from layerfs.layer import apply as archive
+from layerfs.layer import compression
+from layerfs.progress import Progress
+from layerfs.store import BlobRecord, StagedLayer, Store
 
 MEDIA_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"

@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from . import containers
-from .errors import AlreadyExists, InvalidArgument, LayerfsError, NotFound, Unsupported
-from .metadata import now_ns
-from .mountspec import BIND, OVERLAY, WRITABLE_OVERLAY_OPTIONS, MountSpec
-from .store import Image, Store
+from layerfs import containers
+from layerfs.errors import AlreadyExists, InvalidArgument, LayerfsError, NotFound, Unsupported
+from layerfs.linux.proc import boot_id, pid_alive
+from layerfs.mount.spec import BIND, OVERLAY, WRITABLE_OVERLAY_OPTIONS, MountSpec
+from layerfs.store import Image, Store
+from layerfs.store.schema import now_ns
 
 BACKENDS = ("auto", "kernel", "fuse")
 
@@ -37,16 +38,8 @@ class MountRecord:
     created_ns: int
 
 
-def boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
-
-
 def _mount_points() -> set[str]:
-    from .mount.probe import mount_table
+    from layerfs.linux.mountinfo import mount_table
 
     return {m.mount_point for m in mount_table()}
 
@@ -64,24 +57,12 @@ def records(store: Store, prune: bool = True) -> list[MountRecord]:
             # A record is made before its mount exists (see the module docstring) and carries
             # the pid of the process making it until then: while that lives, it is pending,
             # not stale. A FUSE record keeps its daemon's pid.
-            alive = rec.boot_id == boot and (rec.target in points or _alive(rec.pid))
+            alive = rec.boot_id == boot and (rec.target in points or pid_alive(rec.pid))
             (live if alive else stale).append(rec)
     if prune and stale:
         with store.meta.transaction() as db:
             db.executemany("DELETE FROM mounts WHERE target=?", [(r.target,) for r in stale])
     return live
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def image_spec(store: Store, img: Image, *, dev: bool = False, suid: bool = False) -> MountSpec:
@@ -110,7 +91,7 @@ def _choose_backend(backend: str, spec: MountSpec, store_root: str | None = None
     every union over FUSE; a writable bind (a container without image layers) needs no
     union and is always the kernel's.
     """
-    from .mount.probe import OVL_MAX_STACK, backing_fs, probe
+    from layerfs.mount.probe import OVL_MAX_STACK, backing_fs, probe
 
     if backend not in BACKENDS:
         raise InvalidArgument(f"unknown backend {backend!r} (auto, kernel or fuse)")
@@ -149,7 +130,7 @@ def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend
     ``auto`` falls back to FUSE when the kernel refuses the mount (``Unsupported``, which
     includes EPERM). A FUSE record carries the pid of the daemon serving it.
     """
-    from .mount import fuse, kernel
+    from layerfs.mount import fuse, kernel
 
     target = os.path.realpath(target)
     if not os.path.isdir(target):
@@ -193,7 +174,7 @@ def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend
 def mount_ref(store: Store, name: str, target: str, backend: str = "auto", *, dev: bool = False,
               suid: bool = False) -> MountRecord:
     """``layerfs mount NAME``: a container read-write, or an image read-only."""
-    from .catalog import resolve_image
+    from layerfs.catalog import resolve_image
 
     c = containers.find(store, name)
     if c is not None:
@@ -208,7 +189,7 @@ def umount(store: Store, target: str, detach: bool = False) -> MountRecord:
     A FUSE mount's daemon is waited for (SIGTERM/SIGKILL if it lingers); with ``detach``
     it keeps serving files still open and exits when the last one closes.
     """
-    from .mount import fuse, kernel
+    from layerfs.mount import fuse, kernel
 
     path = os.path.realpath(target)
     row = store.meta.db.execute("SELECT * FROM mounts WHERE target=?", (path,)).fetchone()

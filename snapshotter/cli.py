@@ -11,13 +11,13 @@ import sys
 
 import click
 
-from layerfs.cli import Ctx, cli, handle_errors, pass_ctx
+from layerfs.cli.base import Ctx, handle_errors, pass_ctx
 from layerfs.store import default_root
 
 DEFAULT_ADDRESS = "/run/layerfs/snapshotter.sock"
 
 
-@cli.group("snapshotter")
+@click.group("snapshotter")
 def snapshotter_group() -> None:
     """containerd's snapshot API over the layerfs store."""
 
@@ -50,7 +50,7 @@ def serve_cmd(ctx: Ctx, address: str, backend: str, serve_root: str | None, name
     """
     import shutil
 
-    from .service import Server
+    from snapshotter.service import Server
 
     level = logging.ERROR if ctx.quiet and log_level == "info" else getattr(logging, log_level.upper())
     logging.basicConfig(stream=sys.stderr, level=level,

@@ -31,12 +31,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from layerfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from layerfs.metadata import now_ns
-from layerfs.mountspec import WRITABLE_OVERLAY_OPTIONS, MountSpec
+from layerfs.mount.spec import WRITABLE_OVERLAY_OPTIONS, MountSpec
 from layerfs.store import Snapshot, Store
 from layerfs.store import disk_usage as store_disk_usage
-
-from . import filters
+from layerfs.store.schema import now_ns
+from snapshotter import filters
 
 KINDS = ("active", "view", "committed")
 

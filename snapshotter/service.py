@@ -51,13 +51,12 @@ import grpc
 from google.protobuf import empty_pb2
 
 from layerfs.errors import InvalidArgument, LayerfsError
-from layerfs.mountspec import MountSpec
+from layerfs.mount.spec import MountSpec
 from layerfs.store import Store
-
-from .core import Info, Snapshotter
-from .proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from .proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from .proto.containerd.types import mount_pb2
+from snapshotter.core import Info, Snapshotter
+from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from snapshotter.proto.containerd.types import mount_pb2
 
 log = logging.getLogger("layerfs.snapshotter")
 

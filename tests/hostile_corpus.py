@@ -22,7 +22,7 @@ from pathlib import Path
 
 import zstandard
 
-from layerfs.compression import Limits
+from layerfs.layer.compression import Limits
 
 T0 = 1_600_000_000  # default mtime of built entries
 

@@ -1,4 +1,4 @@
-"""layerfs.archive (safe layer tar application) and layerfs.compression (bounded decompression).
+"""layerfs.layer.apply (safe layer tar application) and layerfs.layer.compression (bounded decompression).
 
 The hostile corpus (tests/hostile_corpus.py) is applied in a sandbox; each case must be refused
 with an error naming the offending entry, and nothing outside the layer may change. The golden
@@ -37,12 +37,13 @@ from hostile_corpus import (
     zstd,
 )
 
-from layerfs import compression, whiteout
-from layerfs.archive import ApplyStats, apply_layer
-from layerfs.compression import Limits, detect, open_decompressed
 from layerfs.digest import Digest, VerifyingReader
 from layerfs.errors import InvalidArgument, LimitExceeded, UnsafeArchive
-from layerfs.whiteout import PRIVILEGED, UNPRIVILEGED_FILES, LayerFormat
+from layerfs.layer import compression
+from layerfs.layer.apply import ApplyStats, apply_layer
+from layerfs.layer.compression import Limits, detect, open_decompressed
+from layerfs.union import whiteout
+from layerfs.union.whiteout import PRIVILEGED, UNPRIVILEGED_FILES, LayerFormat
 
 FORMATS = [
     pytest.param(PRIVILEGED, id="dev", marks=needs_root),

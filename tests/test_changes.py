@@ -1,4 +1,4 @@
-"""layerfs.changes: per-layer A/C/D, the deterministic OCI layer tar, and tree_diff."""
+"""layerfs.layer.changes: per-layer A/C/D, the deterministic OCI layer tar, and tree_diff."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ import pytest
 import xxhash
 from conftest import needs_root
 
-from layerfs.changes import Change, fingerprint, layer_changes, layer_tar_digest, tree_diff, write_layer_tar
+from layerfs.layer.changes import (
+    Change,
+    fingerprint,
+    layer_changes,
+    layer_tar_digest,
+    tree_diff,
+    write_layer_tar,
+)
 from layerfs.union.view import LayerStack
 
 T0 = 1_600_000_000 * 10**9  # a fixed mtime in ns

@@ -32,11 +32,13 @@ from typing import cast
 
 import pytest
 
-from layerfs import fuse_main, mounting
+from layerfs import mounting
 from layerfs.errors import InvalidArgument, LayerfsError, UsageError
+from layerfs.fuse import main as fuse_main
+from layerfs.linux.mountinfo import MountEntry, mount_table
+from layerfs.linux.proc import pid_alive
 from layerfs.mount import fuse as fuse_backend
-from layerfs.mount.probe import MountEntry, mount_table
-from layerfs.mountspec import MountSpec
+from layerfs.mount.spec import MountSpec
 from layerfs.union.api import ROOT_INODE, Attr, UnionOps
 
 # --- the model, and a slow variant of it ---------------------------------------------------
@@ -116,9 +118,9 @@ class Fuse:
             self.pids.append(pid)
 
     def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """The program, as ``python -m layerfs.fuse_main ARGS`` (the last arg is recorded)."""
+        """The program, as ``python -m layerfs.fuse.main ARGS`` (the last arg is recorded)."""
         self.points.append(Path(args[-1]))
-        return subprocess.run([sys.executable, "-m", "layerfs.fuse_main", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "layerfs.fuse.main", *args], capture_output=True,
                               text=True, timeout=60, env=env)
 
     def mount(self, options: str, mp: Path, *extra: str) -> int:
@@ -148,7 +150,7 @@ class Fuse:
                 if subprocess.run([FUSERMOUNT, "-uz", str(mp)], capture_output=True).returncode != 0:
                     subprocess.run(["/usr/bin/umount", "-l", str(mp)], capture_output=True)
         for pid in self.pids:
-            if fuse_backend.pid_alive(pid) and not fuse_backend.wait_gone(pid, 5):
+            if pid_alive(pid) and not fuse_backend.wait_gone(pid, 5):
                 left.append(f"daemon {pid}")
                 os.kill(pid, signal.SIGKILL)
             try:
@@ -257,7 +259,7 @@ def test_fuse_options() -> None:
 
 def test_program_help_and_usage_exit_codes() -> None:
     def prog(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "layerfs.fuse_main", *args], capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "layerfs.fuse.main", *args], capture_output=True, text=True)
 
     h = prog("--help")
     assert h.returncode == 0
@@ -277,7 +279,7 @@ def test_mount_backend_program_options() -> None:
     with pytest.raises(InvalidArgument, match="kernel backend"):
         fuse_backend.program_options(MountSpec.bind("/u", readonly=False))
     argv = fuse_backend.command(spec, "rel")
-    assert argv[:5] == [sys.executable, "-P", "-m", "layerfs.fuse_main", "--print-pid"]
+    assert argv[:5] == [sys.executable, "-P", "-m", "layerfs.fuse.main", "--print-pid"]
     assert fuse_backend.program_env()["PYTHONPATH"].split(os.pathsep)[0] == str(Path(mounting.__file__).parent.parent)
     assert argv[-1] == os.path.abspath("rel")
 
@@ -423,7 +425,7 @@ def test_foreground_mode_and_sigterm(tmp_path: Path, fuse: Fuse) -> None:
     mp = tmp_path / "mp"
     mp.mkdir()
     fuse.track(mp)
-    proc = subprocess.Popen([sys.executable, "-m", "layerfs.fuse_main", "-f", "-o", f"lowerdir={top}:{bottom}",
+    proc = subprocess.Popen([sys.executable, "-m", "layerfs.fuse.main", "-f", "-o", f"lowerdir={top}:{bottom}",
                              str(mp)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     fuse.pids.append(proc.pid)
     try:
@@ -494,7 +496,7 @@ def test_mount_dot_fuse3_helper(tmp_path: Path, fuse: Fuse) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     prog = bindir / "layerfs-fuse"
-    prog.write_text(f"#!{sys.executable}\nfrom layerfs.fuse_main import main\nmain()\n")
+    prog.write_text(f"#!{sys.executable}\nfrom layerfs.fuse.main import main\nmain()\n")
     prog.chmod(0o755)
     for i, (fstype, source) in enumerate([(f"fuse.{prog}", "mysrc"), ("fuse", f"{prog}#mysrc")]):
         mp = tmp_path / f"mp{i}"
@@ -544,7 +546,7 @@ def test_cli_mounts_images_and_containers_over_fuse(tmp_path: Path, fuse: Fuse) 
     assert rec.backend == "fuse" and rec.pid is not None and fuse_backend.is_daemon(rec.pid, str(mp))
     fuse.pids.append(rec.pid)
     lf("umount", str(mp))
-    assert not is_mounted(mp) and not fuse_backend.pid_alive(rec.pid)
+    assert not is_mounted(mp) and not pid_alive(rec.pid)
     assert json.loads(lf("mounts", "--format", "json").stdout) == []
 
     lf("create", "c1", "--from", "base:1")
@@ -553,7 +555,7 @@ def test_cli_mounts_images_and_containers_over_fuse(tmp_path: Path, fuse: Fuse) 
     (mp / "etc/motd").write_text("changed\n")
     (mp / "etc/added").write_text("added\n")
     lf("umount", str(mp))
-    assert not fuse_backend.pid_alive(pid)
+    assert not pid_alive(pid)
     # the other backend reads what FUSE wrote
     lf("mount", "--backend", "kernel", "c1", str(mp))
     try:
@@ -598,7 +600,7 @@ def test_auto_falls_back_to_fuse_when_the_kernel_refuses(tmp_path: Path, fuse: F
         assert (mp / "f").read_text() == "2\n" and sorted(os.listdir(mp)) == ["f", "only1", "only2"]
         assert [(r.backend, r.pid) for r in mounting.records(store)] == [("fuse", rec.pid)]
         mounting.umount(store, str(mp))
-        assert not is_mounted(mp) and not fuse_backend.pid_alive(rec.pid)
+        assert not is_mounted(mp) and not pid_alive(rec.pid)
         assert mounting.records(store) == []
 
 

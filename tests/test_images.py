@@ -1,4 +1,4 @@
-"""Image formats in and out (layerfs.images), against images built by umoci/skopeo and by hand."""
+"""Image formats in and out (layerfs.image), against images built by umoci/skopeo and by hand."""
 
 from __future__ import annotations
 
@@ -26,16 +26,9 @@ from layerfs.errors import (
     InvalidImage,
     NotFound,
 )
-from layerfs.imagefmt_oci import (
-    DOCKER_LAYER,
-    DOCKER_LAYER_GZIP,
-    OCI_LAYER,
-    OCI_MANIFEST,
-    Platform,
-    entry_name,
-)
-from layerfs.imageref import repo_name_from_path
-from layerfs.images import (
+from layerfs.image.oci import DOCKER_LAYER, DOCKER_LAYER_GZIP, OCI_LAYER, OCI_MANIFEST, Platform, entry_name
+from layerfs.image.ref import repo_name_from_path
+from layerfs.image.source import (
     ExportImage,
     ExportLayer,
     ImageSource,

@@ -1,4 +1,4 @@
-"""Tests for layerfs.inspect: units against go-units' own cases, views against golden files.
+"""Tests for layerfs.cli.render: units against go-units' own cases, views against golden files.
 
 Golden files live in tests/golden/inspect/. After an intended change of output, rewrite
 them with ``LAYERFS_UPDATE_GOLDEN=1 pytest tests/test_inspect.py`` and review the diff.
@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from layerfs import inspect
-from layerfs.digest import Digest, chain_ids
-from layerfs.errors import InvalidArgument
-from layerfs.inspect import (
+from layerfs.cli import render as inspect
+from layerfs.cli.render import (
     DfRow,
     ImageInfo,
     LayerInfo,
@@ -33,6 +31,8 @@ from layerfs.inspect import (
     render_tree,
     split_reference,
 )
+from layerfs.digest import Digest, chain_ids
+from layerfs.errors import InvalidArgument
 
 GOLDEN = Path(__file__).parent / "golden" / "inspect"
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)

@@ -19,20 +19,13 @@ from typing import Any
 import pytest
 from conftest import needs_root
 
-from layerfs import whiteout
 from layerfs.errors import FailedPrecondition, InUse, InvalidArgument, NotFound, Unsupported
+from layerfs.linux.files import getdents
+from layerfs.linux.mountinfo import MountEntry, mount_table
 from layerfs.mount import kernel
-from layerfs.mount.probe import (
-    DT_DIR,
-    DT_REG,
-    MountEntry,
-    backing_fs,
-    getdents,
-    kernel_version,
-    mount_table,
-    probe,
-)
-from layerfs.mountspec import MountSpec, escape_path, split_lowerdir, unescape_path
+from layerfs.mount.probe import DT_DIR, DT_REG, backing_fs, kernel_version, probe
+from layerfs.mount.spec import MountSpec, escape_path, split_lowerdir, unescape_path
+from layerfs.union import whiteout
 
 
 def _overlay_listed() -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from layerfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from layerfs.mountspec import MountSpec
+from layerfs.mount.spec import MountSpec
 from layerfs.store import Store
 from snapshotter.core import Info, Snapshotter
 from tests.conftest import needs_root

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from layerfs.linux.proc import boot_id
 from layerfs.store import Store
 from tests.tarbuild import tree_fingerprint, write_layer
 
@@ -116,7 +117,7 @@ def test_pending_mount_record_is_not_stale(tmp_path: Path) -> None:
         with s.meta.transaction() as db:
             for target, pid in (("/nonexistent/pending", os.getpid()), ("/nonexistent/stale", dead.pid)):
                 db.execute("INSERT INTO mounts VALUES (?, 'k', 'kernel', 1, ?, ?, 0)",
-                           (target, pid, mounting.boot_id()))
+                           (target, pid, boot_id()))
         assert [r.target for r in mounting.records(s)] == ["/nonexistent/pending"]
         rows = [r["target"] for r in s.meta.db.execute("SELECT target FROM mounts")]
         assert rows == ["/nonexistent/pending"]

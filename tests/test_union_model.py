@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 from conftest import IS_ROOT, needs_root
 
-from layerfs import whiteout
+from layerfs.linux.files import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from layerfs.mount import kernel
-from layerfs.mountspec import MountSpec
+from layerfs.mount.spec import MountSpec
+from layerfs.union import whiteout
 from layerfs.union.api import ROOT_INODE, Attr, Ctx, SetAttr
 from layerfs.union.fs import UnionFS
-from layerfs.union.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from layerfs.union.view import LayerStack
 
 T0 = 1_600_000_000_123_456_789  # fixed lower timestamps (ns), so copies compare exactly

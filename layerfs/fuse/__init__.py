@@ -4,7 +4,10 @@
   requests into ``layerfs.union.api.UnionOps`` calls (inode numbers and
   ``EntryAttributes`` out, ``FUSEError`` out on failure) and sets the kernel caching levers.
 
-The program that mounts and serves it is ``layerfs.fuse_main`` (``layerfs-fuse``); the
-backend that starts and stops that program for ``layerfs mount`` is ``layerfs.mount.fuse``.
+- ``main``: the ``layerfs-fuse`` program (fuse-overlayfs' command line) that mounts and
+  serves it.
+
+The backend that starts and stops that program for ``layerfs mount`` is
+``layerfs.mount.fuse``, which runs it as a separate process and never imports this package.
 Only this package imports pyfuse3.
 """

@@ -52,8 +52,8 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 import trio
 
-from ..errors import LayerfsError
-from ..union.api import Attr, Ctx, DirEntry, SetAttr, UnionOps
+from layerfs.errors import LayerfsError
+from layerfs.union.api import Attr, Ctx, DirEntry, SetAttr, UnionOps
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,12 @@
-"""Mount backends: the only place in layerfs that executes a ``MountSpec``.
+"""Mounts: described once (``spec``), executed only here.
+
+- ``spec``: ``MountSpec`` (containerd's Mount: type, source, options) and the option
+  syntax of overlay layer paths;
 
 - ``probe``: what the kernel and a store's filesystem allow (one probe per process);
 - ``kernel``: overlay and bind mounts with the mount syscalls;
 - ``fuse``: overlays served by the ``layerfs-fuse`` program (started, waited for, stopped).
 
-The rest of layerfs describes mounts (``layerfs.mountspec``) and hands them here.
+The rest of layerfs describes mounts with ``spec`` and hands them to ``kernel`` or
+``fuse``. This package never imports the store.
 """

@@ -1,6 +1,6 @@
 """The FUSE backend: execute a ``MountSpec`` by starting the ``layerfs-fuse`` program.
 
-Lifecycle: ``mount(spec, target)`` runs ``[sys.executable, "-m", "layerfs.fuse_main", ...]``
+Lifecycle: ``mount(spec, target)`` runs ``[sys.executable, "-m", "layerfs.fuse.main", ...]``
 (no PATH lookup), which returns once the mount is live and leaves a detached daemon
 serving it; ``mount`` returns that daemon's pid. The daemon lives until its mount goes:
 ``unmount(target, pid)`` unmounts and waits for that pid to exit, escalating to SIGTERM
@@ -21,11 +21,12 @@ import subprocess
 import sys
 import time
 
-from ..errors import InvalidArgument, LayerfsError, NotFound, Unsupported
-from ..mountspec import BIND, FUSE, OVERLAY, MountSpec, escape_path
-from . import kernel
+from layerfs.errors import InvalidArgument, LayerfsError, NotFound, Unsupported
+from layerfs.linux.proc import pid_alive
+from layerfs.mount import kernel
+from layerfs.mount.spec import BIND, FUSE, OVERLAY, MountSpec, escape_path
 
-PROGRAM = "layerfs.fuse_main"
+PROGRAM = "layerfs.fuse.main"
 FUSERMOUNT = ("/usr/bin/fusermount3", "/bin/fusermount3")
 UNION_TYPES = frozenset({OVERLAY, FUSE, "fuse.layerfs-fuse"})
 
@@ -83,7 +84,7 @@ def mount(spec: MountSpec, target: str, *, log: str | None = None, timeout: floa
                            env=program_env())
     except subprocess.TimeoutExpired as e:
         # the program was killed; its daemon, if it got that far, finds nobody to report
-        # to and unmounts itself (see layerfs.fuse_main.Readiness)
+        # to and unmounts itself (see layerfs.fuse.main.Readiness)
         raise LayerfsError(f"layerfs-fuse did not mount {target} within {timeout:.0f}s") from e
     message = " ".join(line.removeprefix("layerfs-fuse: ") for line in r.stderr.splitlines()
                        if "warning:" not in line).strip()
@@ -97,18 +98,6 @@ def mount(spec: MountSpec, target: str, *, log: str | None = None, timeout: floa
         raise LayerfsError(f"layerfs-fuse mounted {target} but printed no pid: {r.stdout!r}") from e
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its parent to reap it counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    # the state follows the parenthesized command name, which may contain ') '
-    state = data[data.rfind(b")") + 2 : data.rfind(b")") + 3]
-    return state not in (b"Z", b"X")
-
-
 def is_daemon(pid: int, target: str | None = None) -> bool:
     """Whether ``pid`` is a layerfs-fuse daemon (serving ``target``, if given), so that a
     recycled pid is never signalled."""
@@ -117,7 +106,7 @@ def is_daemon(pid: int, target: str | None = None) -> bool:
             argv = f.read().split(b"\0")
     except OSError:
         return False
-    if not any(a.endswith((b"layerfs.fuse_main", b"layerfs-fuse")) for a in argv):
+    if not any(a.endswith((b"layerfs.fuse.main", b"layerfs-fuse")) for a in argv):
         return False
     return target is None or os.fsencode(os.path.abspath(target)) in argv
 

@@ -45,9 +45,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ..errors import FailedPrecondition, InUse, InvalidArgument, LayerfsError, NotFound, Unsupported
-from ..mountspec import BIND, OVERLAY, MountSpec, escape_path
-from .probe import FSCONFIG_MAX_STRING, OVL_MAX_STACK, FsContext, check, libc, mount_table, probe, syscall
+from layerfs.errors import FailedPrecondition, InUse, InvalidArgument, LayerfsError, NotFound, Unsupported
+from layerfs.linux.libc import check, libc, syscall
+from layerfs.linux.mountapi import FSCONFIG_MAX_STRING, FsContext
+from layerfs.linux.mountinfo import mount_table
+from layerfs.mount.probe import OVL_MAX_STACK, probe
+from layerfs.mount.spec import BIND, OVERLAY, MountSpec, escape_path
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2

@@ -10,184 +10,27 @@ an overlay fs context and feed it a ``lowerdir+`` to see whether the kernel take
 list a directory with getdents64 to see real d_type values, they set the very xattrs
 overlayfs would set. None of them mounts anything.
 
-This module also owns the Linux primitives the kernel backend shares with the probes:
-the libc handle, the arch's syscall numbers, the fs-context calls of the new mount API
-(``FsContext``) and the ``/proc/self/mountinfo`` parser (``mount_table``).
+The Linux primitives it acts with (libc, syscall numbers, fs contexts, mountinfo,
+getdents64) live in ``layerfs.linux``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import os
-import platform
 import re
 import shutil
-import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
+
+from layerfs.linux.files import getdents
+from layerfs.linux.mountapi import FsContext
+from layerfs.linux.mountinfo import MountEntry, mount_table
 
 OVL_MAX_STACK = 500  # fs/overlayfs/params.h: the most lower layers one overlay may have
 CAP_SYS_ADMIN = 21
-
-# The new mount API got one number on every architecture (asm-generic, x86_64 included);
-# getdents64 predates that and differs.
-_GENERIC = {"open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432}
-_SYSCALLS: dict[str, dict[str, int]] = {
-    "x86_64": {**_GENERIC, "getdents64": 217},
-    "aarch64": {**_GENERIC, "getdents64": 61},
-}
-
-FSOPEN_CLOEXEC = 0x1
-FSCONFIG_SET_FLAG = 0
-FSCONFIG_SET_STRING = 1
-FSCONFIG_SET_FD = 5
-FSCONFIG_CMD_CREATE = 6
-# fsconfig() copies FSCONFIG_SET_STRING values with strndup_user(value, 256): 255 bytes max
-FSCONFIG_MAX_STRING = 255
-
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-libc.unshare.argtypes = [ctypes.c_int]
-
-
-def syscall_number(name: str) -> int:
-    """The number of ``name`` on this machine; OSError(ENOSYS) on an architecture we lack."""
-    table = _SYSCALLS.get(platform.machine())
-    if table is None:
-        raise OSError(errno.ENOSYS, f"layerfs knows no syscall numbers for {platform.machine()}")
-    return table[name]
-
-
-def syscall(name: str, *args: object) -> int:
-    """Call a raw syscall by name; raises OSError with the errno on failure."""
-    result = int(libc.syscall(ctypes.c_long(syscall_number(name)), *args))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
-
-
-def check(result: int, what: str = "") -> int:
-    """Turn a libc ``-1`` return into OSError(errno)."""
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{os.strerror(err)}{': ' + what if what else ''}")
-    return result
-
-
-class FsContext:
-    """An fs context of the new mount API (``fsopen``), closed on exit.
-
-    Lifecycle: ``FsContext(fstype)`` → ``set_*`` per parameter → ``create()`` → the caller
-    passes ``fd`` to ``fsmount``. Every failing call leaves the kernel's explanation in the
-    context's log; ``messages()`` drains it (lines like ``e overlay: Unknown parameter 'x'``).
-    Overlayfs reports many failures (missing layer, too few lowers) only to dmesg, so the
-    log may be empty.
-    """
-
-    def __init__(self, fstype: str) -> None:
-        self.fstype = fstype
-        self.fd = syscall("fsopen", fstype.encode(), FSOPEN_CLOEXEC)
-
-    def __enter__(self) -> FsContext:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def set_flag(self, key: str) -> None:
-        syscall("fsconfig", self.fd, FSCONFIG_SET_FLAG, key.encode(), None, 0)
-
-    def set_string(self, key: str, value: str) -> None:
-        data = value.encode()
-        if len(data) > FSCONFIG_MAX_STRING:
-            raise OSError(errno.ENAMETOOLONG, f"fsconfig strings are limited to {FSCONFIG_MAX_STRING} bytes")
-        syscall("fsconfig", self.fd, FSCONFIG_SET_STRING, key.encode(), data, 0)
-
-    def set_fd(self, key: str, fd: int) -> None:
-        syscall("fsconfig", self.fd, FSCONFIG_SET_FD, key.encode(), None, fd)
-
-    def create(self) -> None:
-        syscall("fsconfig", self.fd, FSCONFIG_CMD_CREATE, None, None, 0)
-
-    def messages(self) -> list[str]:
-        out: list[str] = []
-        while self.fd >= 0:
-            try:
-                line = os.read(self.fd, 4096)
-            except OSError:  # ENODATA: log empty
-                break
-            if not line:
-                break
-            out.append(line.decode(errors="replace").strip())
-        return out
-
-
-# --- /proc/self/mountinfo ---------------------------------------------------------------
-
-_OCTAL = re.compile(r"\\([0-7]{3})")
-
-
-def unoctal(field_text: str) -> str:
-    """Decode mountinfo's octal escapes (``\\040`` space, ``\\011`` tab, ``\\012``, ``\\134``)."""
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field_text)
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo, unescaped (see proc(5))."""
-
-    mount_id: int
-    parent_id: int
-    dev: tuple[int, int]
-    root: str
-    mount_point: str
-    options: tuple[str, ...]
-    fs_type: str
-    source: str
-    super_options: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, line: str) -> MountEntry:
-        left, sep, right = line.rstrip("\n").partition(" - ")
-        fields = left.split(" ")
-        rest = right.split(" ")
-        if not sep or len(fields) < 6 or len(rest) < 3:
-            raise ValueError(f"unparsable mountinfo line: {line!r}")
-        major, _, minor = fields[2].partition(":")
-        return cls(
-            mount_id=int(fields[0]),
-            parent_id=int(fields[1]),
-            dev=(int(major), int(minor)),
-            root=unoctal(fields[3]),
-            mount_point=unoctal(fields[4]),
-            options=tuple(fields[5].split(",")),
-            fs_type=rest[0],
-            source=unoctal(rest[1]),
-            # split before decoding: a ',' inside a value is shown as \054
-            super_options=tuple(unoctal(o) for o in " ".join(rest[2:]).split(",")),
-        )
-
-
-def mount_table() -> list[MountEntry]:
-    """The calling process' mounts, in the kernel's order (a parent before its children)."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        return [MountEntry.parse(line) for line in f if line.strip()]
-
 
 # --- the kernel -------------------------------------------------------------------------
 
@@ -376,28 +219,6 @@ class BackingFS:
         if not privileged and not self.user_xattrs:
             return f"{self.path} ({self.fs_type}) cannot store user.* xattrs: {self.why['user_xattrs']}"
         return None
-
-
-def getdents(dir_fd: int) -> Iterator[tuple[str, int]]:
-    """``(name, d_type)`` of every entry of an open directory, straight from getdents64.
-
-    ``os.scandir`` hides DT_UNKNOWN (``is_dir()`` quietly falls back to stat), so it cannot
-    tell whether the filesystem fills in d_type; the raw syscall can.
-    """
-    buf = ctypes.create_string_buffer(32768)
-    while True:
-        n = syscall("getdents64", dir_fd, buf, len(buf))
-        if n == 0:
-            return
-        raw = buf.raw[:n]
-        pos = 0
-        while pos < n:
-            # struct linux_dirent64 { u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
-            reclen = int.from_bytes(raw[pos + 16 : pos + 18], sys.byteorder)
-            d_type = raw[pos + 18]
-            name = raw[pos + 19 : pos + reclen].split(b"\0", 1)[0]
-            yield os.fsdecode(name), d_type
-            pos += reclen
 
 
 def fs_type_of(path: str) -> tuple[str, str]:

@@ -24,8 +24,8 @@ import errno
 import os
 import stat
 
-from . import xattrs
-from .syscalls import proc_path, try_clone, utimensat
+from layerfs.linux.files import proc_path, try_clone, utimensat
+from layerfs.union import xattrs
 
 _CHUNK = 1 << 30  # copy_file_range moves at most ~2 GiB per call anyway
 

@@ -24,11 +24,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .. import whiteout
-from ..whiteout import LayerFormat
-from . import copyup, xattrs
-from .api import ROOT_INODE, Attr
-from .dirindex import (
+from layerfs.linux.files import RENAME_NOREPLACE, proc_path, renameat2
+from layerfs.union import copyup, whiteout, xattrs
+from layerfs.union.api import ROOT_INODE, Attr
+from layerfs.union.dirindex import (
     DIR_FLAGS,
     OPAQUE_NAMES,
     OPQ,
@@ -41,9 +40,9 @@ from .dirindex import (
     open_dir_chain,
     scan,
 )
-from .inodes import InodeTable, Node, origin_name, read_origin
-from .syscalls import RENAME_NOREPLACE, proc_path, renameat2
-from .upper import Upper
+from layerfs.union.inodes import InodeTable, Node, origin_name, read_origin
+from layerfs.union.upper import Upper
+from layerfs.union.whiteout import LayerFormat
 
 NAME_MAX = 255
 # copy-ups of more data than this release the lock while the data moves

@@ -7,7 +7,7 @@ merged lower directory (``MergedDir``: the lower directories that contribute to 
 directory, top first) keeps a map "name -> topmost layer that mentions it", so a lookup
 costs a dict access instead of one ``lstat`` per layer (PERF-NOTES: ~6.5 µs per layer).
 
-Conventions read (every one, whatever the mount writes; see ``layerfs.whiteout``):
+Conventions read (every one, whatever the mount writes; see ``layerfs.union.whiteout``):
 
 - whiteout: a 0/0 character device; a regular file ``.wh.NAME`` (which hides NAME in its
   own layer too); in a directory whose ``*.overlay.opaque`` is ``x``, an empty regular file
@@ -34,9 +34,8 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .. import whiteout
-from . import xattrs
-from .syscalls import proc_path
+from layerfs.linux.files import proc_path
+from layerfs.union import whiteout, xattrs
 
 WH = whiteout.WHITEOUT_PREFIX.encode()
 OPQ = whiteout.OPAQUE_MARKER.encode()

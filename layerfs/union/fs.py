@@ -34,12 +34,12 @@ import errno
 import os
 import stat
 
-from . import xattrs
-from .api import Attr, Ctx, DirEntry, SetAttr, StatFS
-from .core import DirHandle, FileHandle, oserror
-from .inodes import Node
-from .namespace import NamespaceOps
-from .syscalls import utimensat
+from layerfs.linux.files import utimensat
+from layerfs.union import xattrs
+from layerfs.union.api import Attr, Ctx, DirEntry, SetAttr, StatFS
+from layerfs.union.core import DirHandle, FileHandle, oserror
+from layerfs.union.inodes import Node
+from layerfs.union.namespace import NamespaceOps
 
 READDIR_CHUNK = 128
 # flags that reach the real file on open; the rest are the kernel's business

@@ -38,9 +38,9 @@ import sys
 from collections.abc import Callable
 from typing import Literal
 
-from .api import ROOT_INODE
-from .dirindex import LowerDir, LowerHit
-from .xattrs import MISSING
+from layerfs.union.api import ROOT_INODE
+from layerfs.union.dirindex import LowerDir, LowerHit
+from layerfs.union.xattrs import MISSING
 
 ORIGIN_SUFFIX = "layerfs.origin"
 ORIGIN_NAMES = ("trusted.overlay." + ORIGIN_SUFFIX, "user.overlay." + ORIGIN_SUFFIX)

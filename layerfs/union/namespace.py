@@ -23,12 +23,12 @@ import errno
 import os
 import stat
 
-from .api import Attr, Ctx
-from .core import UnionCore, oserror
-from .dirindex import REDIRECT_NAMES
-from .inodes import Node
-from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
-from .upper import DEVICE_WHITEOUT, FILE_WHITEOUT, NO_WHITEOUT, rmtree_at
+from layerfs.linux.files import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from layerfs.union.api import Attr, Ctx
+from layerfs.union.core import UnionCore, oserror
+from layerfs.union.dirindex import REDIRECT_NAMES
+from layerfs.union.inodes import Node
+from layerfs.union.upper import DEVICE_WHITEOUT, FILE_WHITEOUT, NO_WHITEOUT, rmtree_at
 
 PATH_MAX = 4096
 

@@ -28,10 +28,10 @@ import itertools
 import os
 import stat
 
-from .. import whiteout
-from ..whiteout import LayerFormat
-from .dirindex import DIR_FLAGS, WH
-from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
+from layerfs.linux.files import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
+from layerfs.union import whiteout
+from layerfs.union.dirindex import DIR_FLAGS, WH
+from layerfs.union.whiteout import LayerFormat
 
 WORK_SUBDIR = "work"
 

@@ -1,6 +1,6 @@
 """Read-only union of layer directories, with kernel overlayfs' lookup rules.
 
-Plain Python over layer directories in the on-disk format of ``layerfs.whiteout``; no
+Plain Python over layer directories in the on-disk format of ``layerfs.union.whiteout``; no
 pyfuse3, no store. ``layers`` are given top first (like overlayfs' ``lowerdir=``).
 
 Rules (Documentation/filesystems/overlayfs.rst, fs/overlayfs/namei.c):
@@ -25,7 +25,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .. import whiteout
+from layerfs.union import whiteout
 
 REDIRECT_XATTRS = (whiteout.TRUSTED_PREFIX + "redirect", whiteout.USER_PREFIX + "redirect")
 

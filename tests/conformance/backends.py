@@ -7,7 +7,7 @@ whatever happened) unmounts it all, reaps FUSE daemons and then asserts that not
 left: no mount on any target, no daemon process.
 
 - ``KernelBackend``: ``layerfs.mount.kernel`` with ``redirect_dir=on,index=off`` (the oracle).
-- ``FuseBackend``: ``python -m layerfs.fuse_main --print-pid --log L -o lowerdir=..,upperdir=..,
+- ``FuseBackend``: ``python -m layerfs.fuse.main --print-pid --log L -o lowerdir=..,upperdir=..,
   workdir=.. TARGET``, which returns once the mount is live and leaves a daemon behind. The
   test process is a child subreaper while it starts, so the detached daemon becomes our
   child and is reaped after ``fusermount3 -u``; its log stays in the test's workspace.
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from layerfs.linux.mountinfo import mount_table
 from layerfs.mount import kernel
-from layerfs.mount.probe import mount_table
-from layerfs.mountspec import MountSpec
+from layerfs.mount.spec import MountSpec
 
 from .facade import Facade, OsFacade
 from .model_facade import ModelFacade
@@ -254,7 +254,7 @@ class FuseBackend(Backend):
         self.count += 1
         stem = self.log_dir / f"layerfs-fuse-{self.count}"
         out_path, err_path, daemon_log = (stem.with_suffix(s) for s in (".out", ".err", ".log"))
-        cmd = [sys.executable, "-m", "layerfs.fuse_main", "--print-pid", "--log", str(daemon_log),
+        cmd = [sys.executable, "-m", "layerfs.fuse.main", "--print-pid", "--log", str(daemon_log),
                "-o", fuse_options(params), str(params.target)]
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             was_subreaper = _set_subreaper(True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.mount.probe import mount_table
+from layerfs.linux.mountinfo import mount_table
 
 from .backends import (
     FuseBackend,

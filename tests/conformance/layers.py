@@ -5,7 +5,7 @@ description, so the layers are identical down to owners, modes, xattrs and mtime
 mtimes and atimes are pinned to ``FIXED_NS``). Nothing here mounts; the functions only
 write below the directory they are given.
 
-The format (the same as ``layerfs.whiteout`` with ``PRIVILEGED``):
+The format (the same as ``layerfs.union.whiteout`` with ``PRIVILEGED``):
 
 - whiteout: a character device 0/0 named like the deleted entry;
 - opaque directory: xattr ``trusted.overlay.opaque`` = ``y``;

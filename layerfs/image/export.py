@@ -38,9 +38,9 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-from .digest import Digest, VerifyingReader
-from .errors import AlreadyExists, DigestMismatch, InvalidArgument, InvalidImage, NotFound
-from .imagefmt_oci import (
+from layerfs.digest import Digest, VerifyingReader
+from layerfs.errors import AlreadyExists, DigestMismatch, InvalidArgument, InvalidImage, NotFound
+from layerfs.image.oci import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
     MANIFEST_TYPES,
@@ -53,7 +53,7 @@ from .imagefmt_oci import (
     parse_descriptor,
     parse_json,
 )
-from .imageref import parse_ref
+from layerfs.image.ref import parse_ref
 
 Opener = Callable[[], AbstractContextManager[BinaryIO]]
 

@@ -32,7 +32,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
-from .errors import StoreError
+from layerfs.errors import StoreError
 
 SCHEMA_VERSION = 1
 

@@ -14,9 +14,9 @@ import os
 import tempfile
 from typing import BinaryIO
 
-from . import failpoint
-from .digest import Digest, Readable, VerifyingReader
-from .errors import NotFound
+from layerfs import failpoint
+from layerfs.digest import Digest, Readable, VerifyingReader
+from layerfs.errors import NotFound
 
 CHUNK = 1 << 20
 

@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
-from .errors import FailedPrecondition, InvalidImage, NotFound
+from layerfs.errors import FailedPrecondition, InvalidImage, NotFound
 
 _MAX_LINK_HOPS = 40  # the kernel's own limit for symlink resolution (MAXSYMLINKS)
 

@@ -20,8 +20,8 @@ import posixpath
 import re
 from dataclasses import dataclass
 
-from .digest import Digest
-from .errors import InvalidArgument
+from layerfs.digest import Digest
+from layerfs.errors import InvalidArgument
 
 _PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"

@@ -14,11 +14,11 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .digest import Digest
-from .store import remove_path
+from layerfs.digest import Digest
+from layerfs.store.core import remove_path
 
 if TYPE_CHECKING:
-    from .store import Store
+    from layerfs.store.core import Store
 
 
 @dataclass

@@ -28,7 +28,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .errors import UnsafeArchive
+from layerfs.errors import UnsafeArchive
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from .cli import Ctx, cli, emit, emit_json, handle_errors, pass_ctx
+from layerfs.cli.base import Ctx, cli, emit, emit_json, handle_errors, pass_ctx
 
 
 @cli.command("mount")
@@ -20,7 +20,7 @@ from .cli import Ctx, cli, emit, emit_json, handle_errors, pass_ctx
 @handle_errors
 def mount_cmd(ctx: Ctx, name: str, mountpoint: str, backend: str, dev: bool, suid: bool) -> None:
     """Mount a container read-write, or an image read-only, on MOUNTPOINT."""
-    from . import mounting
+    from layerfs import mounting
 
     rec = mounting.mount_ref(ctx.store, name, mountpoint, backend, dev=dev, suid=suid)
     ctx.log(f"Mounted {name} on {rec.target} ({rec.backend}, {'ro' if rec.readonly else 'rw'})")
@@ -33,7 +33,7 @@ def mount_cmd(ctx: Ctx, name: str, mountpoint: str, backend: str, dev: bool, sui
 @handle_errors
 def umount_cmd(ctx: Ctx, mountpoint: str, lazy: bool) -> None:
     """Unmount what layerfs mounted on MOUNTPOINT."""
-    from . import mounting
+    from layerfs import mounting
 
     rec = mounting.umount(ctx.store, mountpoint, detach=lazy)
     ctx.log(f"Unmounted {rec.target}")
@@ -45,7 +45,7 @@ def umount_cmd(ctx: Ctx, mountpoint: str, lazy: bool) -> None:
 @handle_errors
 def mounts_cmd(ctx: Ctx, fmt: str) -> None:
     """What layerfs has mounted (stale records from an earlier boot are dropped)."""
-    from . import mounting
+    from layerfs import mounting
 
     recs = mounting.records(ctx.store)
     if fmt == "json":
@@ -70,7 +70,7 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 @handle_errors
 def create_cmd(ctx: Ctx, name: str, ref: str) -> None:
     """Create a writable container NAME over an image."""
-    from . import catalog, containers
+    from layerfs import catalog, containers
 
     c = containers.create(ctx.store, name, catalog.resolve_image(ctx.store, ref))
     click.echo(c.name)
@@ -83,7 +83,8 @@ def create_cmd(ctx: Ctx, name: str, ref: str) -> None:
 @handle_errors
 def ps_cmd(ctx: Ctx, fmt: str, size: bool) -> None:
     """List containers."""
-    from . import containers, inspect, mounting
+    from layerfs import containers, mounting
+    from layerfs.cli import render
 
     mounted: dict[str, list[str]] = {}
     for r in mounting.records(ctx.store):
@@ -99,9 +100,9 @@ def ps_cmd(ctx: Ctx, fmt: str, size: bool) -> None:
         return
     rows = [("NAME", "IMAGE", "CREATED", "MOUNTED AT", *(("SIZE",) if size else ()))]
     for c, m, u in items:
-        ago = inspect.human_duration(time.time() - c.created_ns / 1e9) + " ago"
+        ago = render.human_duration(time.time() - c.created_ns / 1e9) + " ago"
         rows.append((c.name, c.image, ago, ",".join(m) or "-",
-                     *((inspect.human_size(u or 0),) if size else ())))
+                     *((render.human_size(u or 0),) if size else ())))
     emit(_table(rows))
 
 
@@ -112,7 +113,7 @@ def ps_cmd(ctx: Ctx, fmt: str, size: bool) -> None:
 @handle_errors
 def rm_cmd(ctx: Ctx, names: tuple[str, ...], force: bool) -> None:
     """Remove containers and their changes."""
-    from . import containers, mounting
+    from layerfs import containers, mounting
 
     for name in names:
         c = containers.get(ctx.store, name)
@@ -133,7 +134,7 @@ def rm_cmd(ctx: Ctx, names: tuple[str, ...], force: bool) -> None:
 @handle_errors
 def commit_cmd(ctx: Ctx, name: str, newref: str, message: str | None, author: str | None) -> None:
     """Make a new image from a container's changes."""
-    from . import containers
+    from layerfs import containers
 
     r = containers.commit(ctx.store, containers.get(ctx.store, name), newref, message, author)
     ctx.log(f"Committed {name} as {r.names[0]}")
@@ -154,7 +155,7 @@ def bundle_cmd(ctx: Ctx, ref: str, directory: str, args: tuple[str, ...], name: 
     REF is a container, or an image (a container is then created for it). ARGS replace the
     image's Entrypoint and Cmd. Tear down with `layerfs umount DIR/rootfs` and `layerfs rm NAME`.
     """
-    from . import bundle
+    from layerfs import bundle
 
     b = bundle.make_bundle(ctx.store, ref, directory, name=name, args=list(args) or None, backend=backend)
     ctx.log(f"Bundle {b.path} ready (container {b.container}): runc run -b {b.path} <id>")
@@ -166,7 +167,7 @@ def bundle_cmd(ctx: Ctx, ref: str, directory: str, args: tuple[str, ...], name: 
 @handle_errors
 def info_cmd(ctx: Ctx) -> None:
     """What this kernel and the store's filesystem offer the mount backends, and why."""
-    from .mount.probe import backing_fs, probe
+    from layerfs.mount.probe import backing_fs, probe
 
     info = probe()
     click.echo(f"kernel {info.kernel_release}")

@@ -35,9 +35,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__, whiteout
-from .errors import LayerfsError, UsageError
-from .mountspec import split_lowerdir, unescape_path
+from layerfs import __version__
+from layerfs.errors import LayerfsError, UsageError
+from layerfs.mount.spec import split_lowerdir, unescape_path
+from layerfs.union import whiteout
 
 PROG = "layerfs-fuse"
 DEFAULT_MODEL = "layerfs.union.fs:UnionFS"
@@ -406,7 +407,7 @@ def serve(opts: Options, ready: Readiness | None = None) -> int:
     import pyfuse3
     import trio
 
-    from .fuse.ops import CachePolicy, UnionOperations
+    from layerfs.fuse.ops import CachePolicy, UnionOperations
 
     os.umask(0)  # the kernel already applied the caller's umask to every mode it sends
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
-from .digest import Digest
-from .errors import DigestMismatch, InvalidArgument, InvalidImage, NotFound
-from .imagefmt_files import ImageFiles
-from .imageref import is_tag, normalize_ref
+from layerfs.digest import Digest
+from layerfs.errors import DigestMismatch, InvalidArgument, InvalidImage, NotFound
+from layerfs.image.files import ImageFiles
+from layerfs.image.ref import is_tag, normalize_ref
 
 # -- media types ---------------------------------------------------------------------------
 

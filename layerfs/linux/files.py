@@ -4,6 +4,7 @@
   kernel's own overlay writes whiteouts and replaces entries in the upper with these, so a
   crash never shows a half-made change;
 - ``utimensat`` with ``UTIME_OMIT`` / ``UTIME_NOW`` per timestamp (``os.utime`` sets both);
+- ``getdents64``: names with their raw d_type;
 - ``FICLONE``: reflink a whole file where the filesystem can (btrfs, xfs); copy-up tries it
   before ``copy_file_range``.
 
@@ -17,6 +18,10 @@ import ctypes
 import errno
 import fcntl
 import os
+import sys
+from collections.abc import Iterator
+
+from layerfs.linux.libc import libc, syscall
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -28,19 +33,18 @@ UTIME_OMIT = (1 << 30) - 2
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-_libc.renameat2.restype = ctypes.c_int
+libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+libc.renameat2.restype = ctypes.c_int
 
 
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
-_libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
-_libc.utimensat.restype = ctypes.c_int
-_libc.futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
-_libc.futimens.restype = ctypes.c_int
+libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+libc.utimensat.restype = ctypes.c_int
+libc.futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
+libc.futimens.restype = ctypes.c_int
 
 
 def _raise(what: bytes) -> None:
@@ -50,7 +54,7 @@ def _raise(what: bytes) -> None:
 
 def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int = 0) -> None:
     """rename ``old`` (in ``old_dir``) to ``new`` (in ``new_dir``) with renameat2 ``flags``."""
-    if _libc.renameat2(old_dir, old, new_dir, new, flags) != 0:
+    if libc.renameat2(old_dir, old, new_dir, new, flags) != 0:
         _raise(old)
 
 
@@ -69,9 +73,9 @@ def utimensat(dir_fd: int, name: bytes | None, atime_ns: int | None, mtime_ns: i
     open file ``dir_fd`` itself when ``name`` is None. A time that is None is left alone."""
     times = (_Timespec * 2)(_timespec(atime_ns, atime_now), _timespec(mtime_ns, mtime_now))
     if name is None:  # glibc's utimensat refuses a NULL path: futimens is that call
-        if _libc.futimens(dir_fd, times) != 0:
+        if libc.futimens(dir_fd, times) != 0:
             _raise(b"<fd %d>" % dir_fd)
-    elif _libc.utimensat(dir_fd, name, times, AT_SYMLINK_NOFOLLOW) != 0:
+    elif libc.utimensat(dir_fd, name, times, AT_SYMLINK_NOFOLLOW) != 0:
         _raise(name)
 
 
@@ -97,3 +101,25 @@ def proc_path(dir_fd: int, name: bytes | None = None) -> bytes:
     """
     base = b"/proc/self/fd/%d" % dir_fd
     return base if name is None else base + b"/" + name
+
+
+def getdents(dir_fd: int) -> Iterator[tuple[str, int]]:
+    """``(name, d_type)`` of every entry of an open directory, straight from getdents64.
+
+    ``os.scandir`` hides DT_UNKNOWN (``is_dir()`` quietly falls back to stat), so it cannot
+    tell whether the filesystem fills in d_type; the raw syscall can.
+    """
+    buf = ctypes.create_string_buffer(32768)
+    while True:
+        n = syscall("getdents64", dir_fd, buf, len(buf))
+        if n == 0:
+            return
+        raw = buf.raw[:n]
+        pos = 0
+        while pos < n:
+            # struct linux_dirent64 { u64 d_ino; s64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+            reclen = int.from_bytes(raw[pos + 16 : pos + 18], sys.byteorder)
+            d_type = raw[pos + 18]
+            name = raw[pos + 19 : pos + reclen].split(b"\0", 1)[0]
+            yield os.fsdecode(name), d_type
+            pos += reclen

@@ -1,7 +1,7 @@
 """Safe application of an OCI layer tar (image-spec ``layer.md``) to a layer directory.
 
 This module owns the translation of a layer tar into the overlayfs on-disk format of
-``layerfs.whiteout``:
+``layerfs.union.whiteout``:
 
 - ``.wh.NAME`` whites NAME out, ``.wh..wh..opq`` makes its directory opaque, wherever they
   appear in the tar. A whiteout only hides lower layers: over an entry of this layer it does
@@ -48,11 +48,11 @@ from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Self, cast
 
-from . import whiteout
-from .compression import Readable
-from .errors import UnsafeArchive
-from .union.view import Entry, LayerStack
-from .whiteout import LayerFormat
+from layerfs.errors import UnsafeArchive
+from layerfs.layer.compression import Readable
+from layerfs.union import whiteout
+from layerfs.union.view import Entry, LayerStack
+from layerfs.union.whiteout import LayerFormat
 
 log = logging.getLogger(__name__)
 

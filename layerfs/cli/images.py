@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from . import importer
-from .cli import Ctx, cli, emit, emit_json, handle_errors, pass_ctx
-from .errors import UsageError
+from layerfs import importer
+from layerfs.cli.base import Ctx, cli, emit, emit_json, handle_errors, pass_ctx
+from layerfs.errors import UsageError
 
 
 @cli.command("import")
@@ -45,8 +45,8 @@ def import_layer_cmd(ctx: Ctx, tars: tuple[str, ...], name: str, platform: str |
 @handle_errors
 def rmi_cmd(ctx: Ctx, refs: tuple[str, ...], force: bool) -> None:
     """Remove images, then the layers and blobs no other image needs."""
-    from . import mounting
-    from .images import normalize_ref
+    from layerfs import mounting
+    from layerfs.image.source import normalize_ref
 
     names = [normalize_ref(r) for r in refs]
     mounting.records(ctx.store)  # drop stale mount records: they must not pin layers
@@ -63,7 +63,7 @@ def rmi_cmd(ctx: Ctx, refs: tuple[str, ...], force: bool) -> None:
 @handle_errors
 def gc_cmd(ctx: Ctx) -> None:
     """Drop layers and blobs that no image needs."""
-    from . import mounting
+    from layerfs import mounting
 
     mounting.records(ctx.store)  # drop stale mount records: they must not pin layers
     layers, blobs = ctx.store.gc()
@@ -109,13 +109,14 @@ def _need(cond: bool, msg: str) -> None:
 @handle_errors
 def images_cmd(ctx: Ctx, tree: bool, fmt: str | None, no_trunc: bool) -> None:
     """List images (REPOSITORY, TAG, IMAGE ID, CREATED, SIZE)."""
-    from . import catalog, inspect
+    from layerfs import catalog
+    from layerfs.cli import render
 
     infos = catalog.all_images(ctx.store)
     if tree or fmt in ("tree", "dot"):
-        emit(inspect.render_tree(infos, fmt=fmt or "tree", no_trunc=no_trunc))
+        emit(render.render_tree(infos, fmt=fmt or "tree", no_trunc=no_trunc))
     else:
-        emit(inspect.render_images(infos, fmt=fmt or "table", no_trunc=no_trunc))
+        emit(render.render_images(infos, fmt=fmt or "table", no_trunc=no_trunc))
 
 
 @cli.command("history")
@@ -126,10 +127,11 @@ def images_cmd(ctx: Ctx, tree: bool, fmt: str | None, no_trunc: bool) -> None:
 @handle_errors
 def history_cmd(ctx: Ctx, ref: str, fmt: str, no_trunc: bool) -> None:
     """Per layer: created_by from the image config, size and diffID."""
-    from . import catalog, inspect
+    from layerfs import catalog
+    from layerfs.cli import render
 
     img = catalog.resolve_image(ctx.store, ref)
-    emit(inspect.render_history(catalog.image_info(ctx.store, img), fmt=fmt, no_trunc=no_trunc))
+    emit(render.render_history(catalog.image_info(ctx.store, img), fmt=fmt, no_trunc=no_trunc))
 
 
 @cli.command("diff")
@@ -142,18 +144,19 @@ def history_cmd(ctx: Ctx, ref: str, fmt: str, no_trunc: bool) -> None:
 def diff_cmd(ctx: Ctx, ref: str, other: str | None, fmt: str, no_trunc: bool) -> None:
     """REF: what each layer adds (A), changes (C), deletes (D); a container: its changes.
     REF OTHER: compare two images' trees."""
-    from . import catalog, containers, inspect
+    from layerfs import catalog, containers
+    from layerfs.cli import render
 
     c = containers.find(ctx.store, ref) if other is None else None
     if c is not None:  # a container: its changes, read from its upper, like docker diff
-        emit(inspect.render_changes([(ch.kind, ch.path) for ch in containers.diff(ctx.store, c)], fmt=fmt))
+        emit(render.render_changes([(ch.kind, ch.path) for ch in containers.diff(ctx.store, c)], fmt=fmt))
         return
     a = catalog.resolve_image(ctx.store, ref)
     if other is None:
-        emit(inspect.render_layer_diffs(catalog.layer_diffs(ctx.store, a), fmt=fmt, no_trunc=no_trunc))
+        emit(render.render_layer_diffs(catalog.layer_diffs(ctx.store, a), fmt=fmt, no_trunc=no_trunc))
     else:
         b = catalog.resolve_image(ctx.store, other)
-        emit(inspect.render_changes(catalog.image_tree_diff(ctx.store, a, b), fmt=fmt))
+        emit(render.render_changes(catalog.image_tree_diff(ctx.store, a, b), fmt=fmt))
 
 
 @cli.command("df")
@@ -162,9 +165,10 @@ def diff_cmd(ctx: Ctx, ref: str, other: str | None, fmt: str, no_trunc: bool) ->
 @handle_errors
 def df_cmd(ctx: Ctx, fmt: str) -> None:
     """Disk usage of images, layers, containers and blobs."""
-    from . import catalog, inspect
+    from layerfs import catalog
+    from layerfs.cli import render
 
-    emit(inspect.render_df(catalog.df_rows(ctx.store), fmt=fmt))
+    emit(render.render_df(catalog.df_rows(ctx.store), fmt=fmt))
 
 
 @cli.command("tag")
@@ -174,8 +178,8 @@ def df_cmd(ctx: Ctx, fmt: str) -> None:
 @handle_errors
 def tag_cmd(ctx: Ctx, source: str, target: str) -> None:
     """Give an image another name."""
-    from . import catalog
-    from .images import normalize_ref
+    from layerfs import catalog
+    from layerfs.image.source import normalize_ref
 
     img = catalog.resolve_image(ctx.store, source)
     ctx.store.tag(img.name, normalize_ref(target))
@@ -192,7 +196,7 @@ def tag_cmd(ctx: Ctx, source: str, target: str) -> None:
 @handle_errors
 def export_cmd(ctx: Ctx, refs: tuple[str, ...], out: str, fmt: str, rebuild_layers: bool) -> None:
     """Export images to OUT (a directory, or a .tar file)."""
-    from . import exporter
+    from layerfs import exporter
 
     imgs = exporter.export(ctx.store, list(refs), out, fmt=fmt, rebuild=rebuild_layers)
     ctx.log(f"Exported {', '.join(i.name for i in imgs)} to {out} ({fmt})")

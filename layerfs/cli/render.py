@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import InvalidArgument
+from layerfs.errors import InvalidArgument
 
 __all__ = [
     "DfRow",

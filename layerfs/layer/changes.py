@@ -3,7 +3,7 @@
 This module owns three views of "difference" between filesystem trees:
 
 - ``layer_changes``: the A/C/D list of one layer directory (overlayfs on-disk format, see
-  ``layerfs.whiteout``) against the union of its lowers, like ``docker diff``;
+  ``layerfs.union.whiteout``) against the union of its lowers, like ``docker diff``;
 - ``write_layer_tar`` / ``layer_tar_digest``: the OCI layer tar of a layer directory,
   deterministic for the same tree;
 - ``tree_diff``: the A/C/D list between two merged trees (``layerfs diff REF1 REF2``).
@@ -32,10 +32,10 @@ from typing import BinaryIO
 
 import xxhash
 
-from . import whiteout
-from .digest import ALGORITHM, Digest
-from .errors import FailedPrecondition, UnsafeArchive
-from .union.view import Entry, LayerStack, redirect_of
+from layerfs.digest import ALGORITHM, Digest
+from layerfs.errors import FailedPrecondition, UnsafeArchive
+from layerfs.union import whiteout
+from layerfs.union.view import Entry, LayerStack, redirect_of
 
 ADDED = "A"
 CHANGED = "C"

@@ -1,4 +1,6 @@
-"""The ``layerfs`` command line. Data on stdout; logs, progress and errors on stderr.
+"""The click group, its context object and the output helpers every command module uses.
+
+Data on stdout; logs, progress and errors on stderr.
 
 Exit codes: 0 ok, 1 failure, 2 usage error (``LayerfsError.exit_code``).
 """
@@ -13,10 +15,10 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__
-from .errors import LayerfsError
-from .progress import Progress
-from .store import Store, default_root
+from layerfs import __version__
+from layerfs.errors import LayerfsError
+from layerfs.progress import Progress
+from layerfs.store import Store, default_root
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,13 +78,3 @@ def emit(text: str) -> None:
 
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False))
-
-
-def main() -> None:
-    from bench.cli import bench_cmd
-    from snapshotter import cli as _snapshotter_cli  # noqa: F401  (layerfs snapshotter serve)
-
-    from . import cli_containers, cli_images  # noqa: F401  (register their commands)
-
-    cli.add_command(bench_cmd, "bench")
-    cli(prog_name="layerfs")

@@ -29,8 +29,8 @@ from typing import IO, cast
 
 import zstandard
 
-from .digest import Readable
-from .errors import InvalidArgument, LimitExceeded, UnsafeArchive
+from layerfs.digest import Readable
+from layerfs.errors import InvalidArgument, LimitExceeded, UnsafeArchive
 
 CHUNK = 1 << 17  # compressed bytes read from the underlying stream at a time
 _HEAD = 6  # enough for every magic number below

@@ -3,9 +3,9 @@
 Layout (see DESIGN.md)::
 
     $ROOT/ (0700)
-      meta.db            SQLite (WAL): the source of truth (layerfs.metadata)
+      meta.db            SQLite (WAL): the source of truth (layerfs.store.schema)
       lock               flock: shared for imports, exclusive for gc/fsck/rmi
-      blobs/sha256/<hex> verified blobs (layerfs.content)
+      blobs/sha256/<hex> verified blobs (layerfs.store.content)
       snapshots/<id>/fs  layer or upper contents, overlayfs on-disk format
       snapshots/<id>/work overlay workdir (active snapshots)
       tmp/               staging (new-*, ingest-*): garbage after a crash
@@ -30,14 +30,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import failpoint, whiteout
-from .content import ContentStore, Ingest, fsync_dir
-from .digest import Digest
-from .errors import AlreadyExists, FailedPrecondition, InUse, InvalidArgument, NotFound, StoreError
-from .metadata import Metadata, now_ns
+from layerfs import failpoint
+from layerfs.digest import Digest
+from layerfs.errors import AlreadyExists, FailedPrecondition, InUse, InvalidArgument, NotFound, StoreError
+from layerfs.store.content import ContentStore, Ingest, fsync_dir
+from layerfs.store.schema import Metadata, now_ns
+from layerfs.union import whiteout
 
 if TYPE_CHECKING:
-    from .fsck import FsckReport
+    from layerfs.store.fsck import FsckReport
 
 IMAGE_LAYER_LABEL = "layerfs.io/image-layer"
 
@@ -542,7 +543,7 @@ class Store:
     # -- fsck ----------------------------------------------------------------------------
     def fsck(self, repair: bool = False, verify_blobs: bool = False) -> FsckReport:
         """Check that the files agree with the database (see ``layerfs.fsck``)."""
-        from .fsck import fsck
+        from layerfs.store.fsck import fsck
 
         return fsck(self, repair=repair, verify_blobs=verify_blobs)
 

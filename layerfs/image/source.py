@@ -28,11 +28,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .errors import InvalidImage
-from .imagefmt_docker import DockerArchive
-from .imagefmt_export import ExportImage, ExportLayer, export_docker_archive, export_oci
-from .imagefmt_files import ImageFiles, open_files
-from .imagefmt_oci import (
+from layerfs.errors import InvalidImage
+from layerfs.image.docker import DockerArchive
+from layerfs.image.export import ExportImage, ExportLayer, export_docker_archive, export_oci
+from layerfs.image.files import ImageFiles, open_files
+from layerfs.image.oci import (
     LayerBlob,
     OciLayout,
     Platform,
@@ -40,7 +40,7 @@ from .imagefmt_oci import (
     layer_compression,
     synthesize_manifest,
 )
-from .imageref import Reference, normalize_ref, parse_ref, repo_name_from_path
+from layerfs.image.ref import Reference, normalize_ref, parse_ref, repo_name_from_path
 
 __all__ = [
     "ExportImage",

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidArgument
+from layerfs.errors import InvalidArgument
 
 OVERLAY = "overlay"
 BIND = "bind"
@@ -33,7 +33,7 @@ FUSE = "fuse3.layerfs-fuse"
 
 # Options for every writable overlay layerfs describes (containers, snapshotter actives):
 # renaming a directory that comes from a lower layer must work, which overlayfs records as
-# a redirect xattr (redirect_dir=on; layerfs.changes and the union view read it), and no
+# a redirect xattr (redirect_dir=on; layerfs.layer.changes and the union view read it), and no
 # inode index, so upper directories stay portable between mounts and backends.
 WRITABLE_OVERLAY_OPTIONS = ("redirect_dir=on", "index=off")
 

@@ -27,10 +27,10 @@ import posixpath
 import re
 from typing import Any
 
-from .digest import Digest
-from .errors import DigestMismatch, InvalidArgument, InvalidImage, NotFound
-from .imagefmt_files import ImageFiles
-from .imagefmt_oci import (
+from layerfs.digest import Digest
+from layerfs.errors import DigestMismatch, InvalidArgument, InvalidImage, NotFound
+from layerfs.image.files import ImageFiles
+from layerfs.image.oci import (
     DOCKER_LAYER,
     DOCKER_LAYER_GZIP,
     MAX_JSON_BYTES,
@@ -42,7 +42,7 @@ from .imagefmt_oci import (
     config_platform,
     parse_config,
 )
-from .imageref import normalize_ref
+from layerfs.image.ref import normalize_ref
 
 _CONTENT_ADDRESSED = re.compile(r"(?:blobs/sha256/)?([0-9a-f]{64})(?:\.json)?")
 _BLOB_PATH = re.compile(r"blobs/sha256/([0-9a-f]{64})")
