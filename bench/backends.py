@@ -21,7 +21,6 @@ process whose command line names a path inside it (only this run's daemons can).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -296,12 +295,6 @@ class LayerfsFuse(FuseProgram):
     program = "layerfs-fuse"
 
     def unavailable(self) -> str | None:
-        try:
-            missing = importlib.util.find_spec("layerfs.union.fs") is None
-        except ImportError:
-            missing = True
-        if missing:
-            return "layerfs.union.fs is missing: the layerfs FUSE backend is not finished yet"
         if not os.path.exists("/dev/fuse"):
             return "/dev/fuse is missing"
         if shutil.which("fusermount3") is None:

@@ -50,25 +50,3 @@ def tree(root: str, dirs: Iterable[str], files: Iterable[str], writer: Callable[
         writer(os.path.join(root, f))
         count += 1
     return count
-
-
-def human_size(n: float) -> str:
-    """Binary size for labels: ``4KiB``, ``100MiB``, ``1GiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:g}{unit}" if n == int(n) else f"{n:.1f}{unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def dir_size(path: str) -> tuple[int, int]:
-    """Bytes (apparent sizes) and entries below ``path``."""
-    size = entries = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        entries += len(dirnames) + len(filenames)
-        for name in filenames:
-            try:
-                size += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return size, entries

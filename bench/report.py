@@ -21,6 +21,7 @@ from dataclasses import asdict
 from typing import Any
 
 from bench.runner import WorkloadResult
+from layerfs.text import table as text_table
 
 SCHEMA = 1
 
@@ -112,10 +113,8 @@ def table(w: WorkloadResult) -> str:
             fmt_seconds(row["cpu_s"]) if row["cpu_s"] is not None else "",
         ))
         last_metric = row["metric"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        lines.append("  ".join(c.ljust(widths[i]) if i < 2 or i == 6 else c.rjust(widths[i])
-                               for i, c in enumerate(r)).rstrip())
+    # metric, backend and vs read left to right, the numbers are right-aligned
+    lines.append(text_table(header, rows, padding=2, right=(2, 3, 4, 5, 7)).removesuffix("\n"))
     seen: set[tuple[str, str]] = set()
     for case, subject, status in w.not_measured():
         key = (subject, status.reason)

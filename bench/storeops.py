@@ -43,9 +43,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from bench.datagen import human_size, write_file, write_small
+from bench.datagen import write_file, write_small
 from bench.machine import process_cpu
 from bench.measure import Meter, Metric
+from layerfs.image.config import build_config
+from layerfs.image.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, canonical_json
+from layerfs.text import human_size
 
 Log = Callable[[str], None]
 IMAGE_NAME = "docker.io/library/layerfs-bench:1"
@@ -54,9 +57,6 @@ COMMIT_NAME = "layerfs-bench:committed"
 SOURCES = ("/usr/lib/python3.11", "/usr/share/doc", "/usr/lib/python3", "/usr/lib/git-core",
            "/usr/lib/gcc", "/usr/share/locale", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
            "/usr/share")
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 @dataclass
@@ -80,7 +80,7 @@ class _HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: Any) -> int:
+    def write(self, data: bytes) -> int:
         b = bytes(data)
         self.sha.update(b)
         self.size += len(b)
@@ -159,8 +159,11 @@ def _sha_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _put_json(blobs: str, obj: Any) -> dict[str, Any]:
-    data = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+def _put_json(blobs: str, obj: object) -> dict[str, Any]:
+    return _put_bytes(blobs, canonical_json(obj, ensure_ascii=True))
+
+
+def _put_bytes(blobs: str, data: bytes) -> dict[str, Any]:
     digest = hashlib.sha256(data).hexdigest()
     with open(os.path.join(blobs, digest), "wb") as f:
         f.write(data)
@@ -219,12 +222,11 @@ def build_image(data: str, budget: int, n_layers: int, log: Log) -> ImageInfo:
     descs.append(desc)
     diff_ids.append(diff_id)
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
-    config = {
-        "architecture": arch, "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created_by": f"bench layer {i}"} for i in range(len(descs))],
-    }
-    config_desc = {"mediaType": OCI_CONFIG, **_put_json(blobs, config)}
+    _config, config_bytes = build_config(
+        {"architecture": arch, "os": "linux", "config": {"Cmd": ["/bin/sh"]}}, diff_ids,
+        [{"created_by": f"bench layer {i}"} for i in range(len(descs))], created_ns=None,
+    )
+    config_desc = {"mediaType": OCI_CONFIG, **_put_bytes(blobs, config_bytes)}
     manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc, "layers": descs}
     manifest_desc = {"mediaType": OCI_MANIFEST, **_put_json(blobs, manifest)}
     manifest_desc["annotations"] = {"io.containerd.image.name": IMAGE_NAME,
@@ -360,10 +362,10 @@ class StoreOps:
 
     def describe(self) -> str:
         if self.image is None:
-            return f"an image of ~{human_size(self.budget)} built from this machine's files"
+            return f"an image of ~{human_size(self.budget, binary=True)} built from this machine's files"
         im = self.image
-        return (f"an OCI archive of {im.layers} gzip layers, {im.files} entries, {human_size(im.bytes)} of files "
-                f"({human_size(im.archive_bytes)} archive), from this machine's /usr; the container gets "
+        return (f"an OCI archive of {im.layers} gzip layers, {im.files} entries, {human_size(im.bytes, binary=True)} of files "
+                f"({human_size(im.archive_bytes, binary=True)} archive), from this machine's /usr; the container gets "
                 f"{self.changes} new files, {self.changes // 10} appended to, chmod'ed and deleted, a directory "
                 "removed and one renamed")
 

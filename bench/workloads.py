@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from bench.backends import Stack
-from bench.datagen import SMALL, human_size, tree, write_file, write_small
+from bench.datagen import SMALL, tree, write_file, write_small
 from bench.measure import Meter, Metric, Timing
+from layerfs.text import human_size
 
 Log = Callable[[str], None]
 
@@ -110,7 +111,7 @@ class Read(MountWorkload):
         self.random_reads = 2000 if quick else 20000
 
     def describe(self) -> str:
-        return (f"one {human_size(self.size)} file in the bottom of 3 layers; sequential read with 1 MiB "
+        return (f"one {human_size(self.size, binary=True)} file in the bottom of 3 layers; sequential read with 1 MiB "
                 f"reads, cold (after drop_caches on a fresh mount) then warm; {self.random_reads} random "
                 "4 KiB preads, warm")
 
@@ -230,7 +231,7 @@ class CopyUp(MountWorkload):
         self.sizes = [4 << 10, 1 << 20, 16 << 20] if quick else [4 << 10, 1 << 20, 100 << 20, 1 << 30]
 
     def describe(self) -> str:
-        sizes = ", ".join(human_size(s) for s in self.sizes)
+        sizes = ", ".join(human_size(s, binary=True) for s in self.sizes)
         return (f"files of {sizes} in the bottom of 2 layers, one per (op, size, sync mode), page cache warm; "
                 "`append` = open O_APPEND + write 4 KiB + close, `chmod` = chmod 0600; alone, "
                 "`+fsync` (fsync of the file) and `+sync` (sync(2)); everything synced before each op")
@@ -255,7 +256,7 @@ class CopyUp(MountWorkload):
             for op, mode, size in files:
                 path = os.path.join(root, self.file_name(op, mode, size))
                 os.sync()  # nothing dirty from the previous op may slow this one
-                metric = Metric(f"{op} {human_size(size)}{mode}", group=f"{op}{mode}", x=size)
+                metric = Metric(f"{op} {human_size(size, binary=True)}{mode}", group=f"{op}{mode}", x=size)
                 with meter.time(metric):
                     if op == "append":
                         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)

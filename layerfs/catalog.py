@@ -8,30 +8,54 @@ metadata; computes per-layer changes and image-to-image tree diffs with
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from layerfs.cli.render import DfRow, ImageInfo, LayerInfo
 from layerfs.digest import Digest
 from layerfs.layer import changes
 from layerfs.store import Image, Store
+from layerfs.text import parse_rfc3339
 from layerfs.union.view import LayerStack
 
 
-def parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    text = value.strip().replace("Z", "+00:00")
-    # Go writes up to nanoseconds; Python takes microseconds
-    if "." in text:
-        head, _, rest = text.partition(".")
-        frac = "".join(ch for ch in rest if ch.isdigit())
-        tz = rest[len(frac):]
-        text = f"{head}.{frac[:6]}{tz}"
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return None
+@dataclass(frozen=True)
+class LayerInfo:
+    """One committed layer as an image sees it."""
+
+    chain_id: str  # "sha256:<64hex>"
+    diff_id: str
+    parent: str | None  # chain id of the layer below, None for a base layer
+    size: int  # bytes of this layer's own content
+    created_by: str = ""  # from the config history (non-empty-layer entries)
+    created: datetime | None = None
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One image name and what it points at."""
+
+    name: str  # "repo/path:tag", or "repo@sha256:..." (then its TAG is "<none>")
+    image_id: str  # config digest
+    created: datetime | None
+    layers: tuple[LayerInfo, ...]  # bottom first
+    manifest_digest: str | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+
+@dataclass(frozen=True)
+class DfRow:
+    """One line of ``layerfs df``; ``kind`` is "Images", "Layers", "Containers" or "Blobs"."""
+
+    kind: str
+    total: int  # how many objects of this kind
+    active: int  # how many are in use (by an image, a container, a mount)
+    size: int  # bytes
+    reclaimable: int  # bytes that removing the unused ones would free
 
 
 def read_config(store: Store, img: Image) -> dict[str, Any]:
@@ -52,10 +76,10 @@ def image_info(store: Store, img: Image) -> ImageInfo:
             parent=chain[i - 1].key if i else None,
             size=snap.size,
             created_by=str(h.get("created_by", "")),
-            created=parse_time(h.get("created")),
+            created=parse_rfc3339(h.get("created")),
             comment=str(h.get("comment", "")),
         ))
-    return ImageInfo(name=img.name, image_id=img.config_digest, created=parse_time(config.get("created")),
+    return ImageInfo(name=img.name, image_id=img.config_digest, created=parse_rfc3339(config.get("created")),
                      layers=tuple(layers), manifest_digest=img.manifest_digest)
 
 
@@ -90,8 +114,7 @@ def df_rows(store: Store) -> list[DfRow]:
     layers = [s for s in snaps if s.kind == "committed"]
     unused_layers = [s for s in layers if s.key not in used]
     containers = [s for s in snaps if s.kind != "committed"]
-    blob_rows = store.meta.db.execute(
-        "SELECT digest, size, digest IN (SELECT digest FROM image_blobs) AS used FROM blobs").fetchall()
+    blob_rows = store.blob_sizes()  # (digest, size, listed by an image)
     image_size = sum(s.size for s in layers if s.key in used)
     distinct_images = {img.config_digest for img in images}
     return [
@@ -99,8 +122,8 @@ def df_rows(store: Store) -> list[DfRow]:
         DfRow("Layers", len(layers), len(layers) - len(unused_layers), sum(s.size for s in layers),
               sum(s.size for s in unused_layers)),
         DfRow("Containers", len(containers), len(containers), sum(s.size for s in containers), 0),
-        DfRow("Blobs", len(blob_rows), sum(1 for r in blob_rows if r["used"]), sum(r["size"] for r in blob_rows),
-              sum(r["size"] for r in blob_rows if not r["used"])),
+        DfRow("Blobs", len(blob_rows), sum(1 for _, _, used in blob_rows if used),
+              sum(size for _, size, _ in blob_rows), sum(size for _, size, used in blob_rows if not used)),
     ]
 
 

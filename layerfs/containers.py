@@ -14,22 +14,23 @@ export -> import of the new image shows the tree the container showed.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import re
-import sqlite3
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import BinaryIO
 
 from layerfs import importer
 from layerfs.digest import Digest
-from layerfs.errors import AlreadyExists, InUse, InvalidArgument, NotFound
+from layerfs.errors import AlreadyExists, InvalidArgument, NotFound
 from layerfs.image import source as images
+from layerfs.image.config import build_config
+from layerfs.image.oci import OCI_LAYER
 from layerfs.layer import changes
-from layerfs.store import Image, Snapshot, Store, disk_usage
-from layerfs.store.schema import now_ns
+from layerfs.store import ContainerRecord, Image, Snapshot, Store, disk_usage
 
 KEY_PREFIX = "layerfs/container/"
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
@@ -57,14 +58,14 @@ def validate_name(name: str) -> str:
     return name
 
 
-def _row_to_container(store: Store, row: Any) -> Container:
-    return Container(row["name"], row["image"], Digest(row["manifest_digest"]), Digest(row["config_digest"]),
-                     store.snapshot_by_id(row["snapshot_id"]), row["created_ns"])
+def _container(store: Store, rec: ContainerRecord) -> Container:
+    return Container(rec.name, rec.image, rec.manifest_digest, rec.config_digest,
+                     store.snapshot_by_id(rec.snapshot_id), rec.created_ns)
 
 
 def find(store: Store, name: str) -> Container | None:
-    row = store.meta.db.execute("SELECT * FROM containers WHERE name=?", (name,)).fetchone()
-    return None if row is None else _row_to_container(store, row)
+    rec = store.containers.get(name)
+    return None if rec is None else _container(store, rec)
 
 
 def get(store: Store, name: str) -> Container:
@@ -75,30 +76,21 @@ def get(store: Store, name: str) -> Container:
 
 
 def list_containers(store: Store) -> list[Container]:
-    return [_row_to_container(store, r) for r in store.meta.db.execute("SELECT * FROM containers ORDER BY name")]
+    return [_container(store, rec) for rec in store.containers.all()]
 
 
 def create(store: Store, name: str, image: Image) -> Container:
     validate_name(name)
     if find(store, name) is not None:
         raise AlreadyExists(f"container {name} already exists")
-    def record(db: sqlite3.Connection, sid: int) -> None:
-        db.execute("INSERT INTO containers VALUES (?, ?, ?, ?, ?, ?)",
-                   (name, image.name, image.manifest_digest, image.config_digest, sid, now_ns()))
-
-    store.create_active(KEY_PREFIX + name, image.top_chain_id, in_txn=record)
+    store.create_container(name, KEY_PREFIX + name, image)
     return get(store, name)
 
 
 def remove(store: Store, name: str) -> None:
+    """Remove container ``name`` and its changes; refused while it is mounted."""
     c = get(store, name)
-    m = store.meta.db.execute("SELECT target FROM mounts WHERE snapshot_key=?", (c.key,)).fetchone()
-    if m is not None:
-        raise InUse(f"container {name} is mounted at {m['target']}; unmount it first (layerfs umount)")
-    def unrecord(db: sqlite3.Connection, sid: int) -> None:
-        db.execute("DELETE FROM containers WHERE name=?", (name,))
-
-    store.remove_snapshot(c.key, in_txn=unrecord)
+    store.remove_container(name, c.key)
 
 
 def lowers(store: Store, c: Container) -> list[str]:
@@ -133,34 +125,26 @@ def commit(store: Store, c: Container, new_ref: str, message: str | None = None,
             changes.write_layer_tar(upper(store, c), f, lowers(store, c))
         with open(tar_path, "rb") as f:
             diff_id = importer.hash_stream(f)
-        now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        config = dict(base_config)
-        config["created"] = now
-        rootfs = dict(config.get("rootfs") or {"type": "layers"})
-        rootfs["diff_ids"] = [*(rootfs.get("diff_ids") or []), diff_id]
-        config["rootfs"] = rootfs
-        entry: dict[str, Any] = {"created": now, "created_by": message or f"layerfs commit {c.name}"}
+        entry = {"created_by": message or f"layerfs commit {c.name}"}
         if message:
             entry["comment"] = message
-        if author:
-            entry["author"] = author
-            config["author"] = author
-        config["history"] = [*(config.get("history") or []), entry]
-        config_bytes = json.dumps(config, separators=(",", ":"), sort_keys=True).encode()
+        config, config_bytes = build_config(base_config, [diff_id], [entry], created_ns=time.time_ns(),
+                                            author=author)
         layers = [
             images.LayerBlob(digest=Digest.parse(d["digest"]), size=int(d["size"]), media_type=d["mediaType"],
                              open=_blob_opener(store, Digest.parse(d["digest"])))
             for d in base_manifest.get("layers") or []
         ]
         layers.append(images.LayerBlob(digest=diff_id, size=os.path.getsize(tar_path),
-                                       media_type=importer.MEDIA_OCI_LAYER, open=lambda: open(tar_path, "rb")))
+                                       media_type=OCI_LAYER, open=lambda: open(tar_path, "rb")))
         resolved = images.ResolvedImage(
             names=[ref], config_bytes=config_bytes, config_digest=Digest.of(config_bytes), config=config,
-            manifest_bytes=None, manifest_digest=None, diff_ids=[Digest.parse(d) for d in rootfs["diff_ids"]],
+            manifest_bytes=None, manifest_digest=None,
+            diff_ids=[Digest.parse(d) for d in config["rootfs"]["diff_ids"]],
             layers=layers,
         )
         return importer.import_resolved(store, resolved, [ref])
 
 
-def _blob_opener(store: Store, digest: Digest) -> Any:
+def _blob_opener(store: Store, digest: Digest) -> Callable[[], BinaryIO]:
     return lambda: store.content.open(digest)

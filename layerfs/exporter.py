@@ -13,28 +13,25 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterator, Sequence
+from typing import BinaryIO
 
 from layerfs.catalog import resolve_image
 from layerfs.digest import Digest
 from layerfs.errors import InvalidImage, UsageError
 from layerfs.image import source as images
-from layerfs.importer import MEDIA_OCI_CONFIG, MEDIA_OCI_LAYER, MEDIA_OCI_MANIFEST
+from layerfs.image.oci import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, canonical_json
+from layerfs.importer import hash_stream
 from layerfs.layer import changes
 from layerfs.store import Image, Store
 
 
-def _blob_opener(store: Store, digest: Digest) -> Any:
+def _blob_opener(store: Store, digest: Digest) -> Callable[[], BinaryIO]:
     return lambda: store.content.open(digest)
 
 
-def _file_opener(path: str) -> Any:
+def _file_opener(path: str) -> Callable[[], BinaryIO]:
     return lambda: open(path, "rb")
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
 @contextlib.contextmanager
@@ -70,31 +67,22 @@ def _export_one(store: Store, img: Image, tmp: str, rebuild: bool) -> images.Exp
         with open(path, "wb") as f:
             changes.write_layer_tar(store.fs_dir(snap.id), f)
         with open(path, "rb") as f:
-            new = _hash_file(f)
+            new = hash_stream(f)
         size = os.path.getsize(path)
-        layers.append(images.ExportLayer(new, size, MEDIA_OCI_LAYER, new, _file_opener(path)))
+        layers.append(images.ExportLayer(new, size, OCI_LAYER, new, _file_opener(path)))
         rewritten = True
     if rewritten:
         config.setdefault("rootfs", {})["diff_ids"] = [layer.diff_id for layer in layers]
-        config_bytes = _canonical(config)
+        config_bytes = canonical_json(config, ensure_ascii=True)
         manifest = {
             "schemaVersion": 2,
-            "mediaType": MEDIA_OCI_MANIFEST,
-            "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": Digest.of(config_bytes), "size": len(config_bytes)},
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": Digest.of(config_bytes), "size": len(config_bytes)},
             "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size} for layer in layers],
             **({"annotations": manifest["annotations"]} if manifest.get("annotations") else {}),
         }
-        manifest_bytes = _canonical(manifest)
+        manifest_bytes = canonical_json(manifest, ensure_ascii=True)
     return images.ExportImage([img.name], manifest_bytes, config_bytes, layers)
-
-
-def _hash_file(f: BinaryIO) -> Digest:
-    import hashlib
-
-    h = hashlib.sha256()
-    while chunk := f.read(1 << 20):
-        h.update(chunk)
-    return Digest.from_hex(h.hexdigest())
 
 
 def export(store: Store, refs: Sequence[str], out: str, fmt: str = "oci", rebuild: bool = False) -> list[Image]:

@@ -11,28 +11,23 @@ committed, and what was committed before is untouched.
 
 from __future__ import annotations
 
-import datetime as _dt
-import io
-import json
 import os
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import BinaryIO
 
 from layerfs import failpoint
-from layerfs.digest import Digest, VerifyingReader, chain_ids
+from layerfs.digest import Digest, Readable, VerifyingReader, chain_ids
 from layerfs.errors import DigestMismatch, InvalidImage, UsageError
 from layerfs.image import source as images
+from layerfs.image.config import build_config
+from layerfs.image.oci import OCI_CONFIG, OCI_LAYER_BY_COMPRESSION, OCI_MANIFEST
 from layerfs.layer import apply as archive
 from layerfs.layer import compression
 from layerfs.progress import Progress
 from layerfs.store import BlobRecord, StagedLayer, Store
-
-MEDIA_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-_LAYER_MEDIA = {"plain": MEDIA_OCI_LAYER, "gzip": MEDIA_OCI_LAYER + "+gzip", "zstd": MEDIA_OCI_LAYER + "+zstd"}
 
 
 @dataclass
@@ -63,7 +58,7 @@ class _Staging:
 
 def _apply_blob(
     store: Store,
-    opener: Any,
+    opener: Callable[[], BinaryIO],
     what: str,
     digest: Digest | None,
     size: int | None,
@@ -97,7 +92,7 @@ def _apply_blob(
                 blob_digest, blob_size = ing.finish()
                 failpoint.hit("import.blob-verified")
             bar.finish()
-        media = _LAYER_MEDIA[kind]
+        media = OCI_LAYER_BY_COMPRESSION[kind]
         return BlobRecord(blob_digest, blob_size, media, got_diff, staged=ing), got_diff, staging, stats
     except BaseException:
         if staging is not None:
@@ -108,7 +103,7 @@ def _apply_blob(
 class _Peek:
     """Lets compression detection look at a stream's first bytes without losing them."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Readable) -> None:
         self.raw = raw
         self.buf = b""
 
@@ -123,11 +118,11 @@ class _Peek:
     def read(self, n: int = -1) -> bytes:
         if self.buf:
             if n is None or n < 0:
-                data, self.buf = self.buf + self.raw.read(), b""
+                data, self.buf = self.buf + bytes(self.raw.read()), b""
                 return data
             data, self.buf = self.buf[:n], self.buf[n:]
             return data
-        return self.raw.read(n)
+        return bytes(self.raw.read(n))
 
     def readable(self) -> bool:
         return True
@@ -199,8 +194,8 @@ def import_resolved(
             assert m_ing.digest is not None and c_ing.digest is not None
             manifest_digest, config_digest = m_ing.digest, c_ing.digest
             failpoint.hit("import.manifest-staged")
-            staging.blobs.append(BlobRecord(manifest_digest, len(manifest_bytes), MEDIA_OCI_MANIFEST, staged=m_ing))
-            staging.blobs.append(BlobRecord(config_digest, len(img.config_bytes), MEDIA_OCI_CONFIG, staged=c_ing))
+            staging.blobs.append(BlobRecord(manifest_digest, len(manifest_bytes), OCI_MANIFEST, staged=m_ing))
+            staging.blobs.append(BlobRecord(config_digest, len(img.config_bytes), OCI_CONFIG, staged=c_ing))
             top = chains[-1] if chains else None
             store.commit_image(
                 names, staging.layers, staging.blobs, manifest_digest, config_digest, top,
@@ -268,19 +263,12 @@ def import_layers(
             r = VerifyingReader(compression.open_decompressed(peek, p, limits), p)
             r.drain()
         diff_ids.append(r.digest)
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    config = {
-        "created": now,
-        "architecture": plat.architecture,
-        "os": plat.os,
-        **({"variant": plat.variant} if plat.variant else {}),
-        "config": {},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created": now, "created_by": f"layerfs import-layer {os.path.basename(p)}"} for p in paths],
-    }
-    config_bytes = json.dumps(config, separators=(",", ":"), sort_keys=True).encode()
+    config, config_bytes = build_config(
+        None, diff_ids, [{"created_by": f"layerfs import-layer {os.path.basename(p)}"} for p in paths],
+        created_ns=time.time_ns(), platform=plat,
+    )
 
-    def opener(p: str) -> Any:
+    def opener(p: str) -> Callable[[], BinaryIO]:
         return lambda: open(p, "rb")
 
     layers = [images.LayerBlob(digest=None, size=os.path.getsize(p), media_type="", open=opener(p)) for p in paths]
@@ -291,13 +279,8 @@ def import_layers(
     return import_resolved(store, img, [ref], progress=progress, limits=limits)
 
 
-def hash_stream(f: Any) -> Digest:
+def hash_stream(f: Readable) -> Digest:
     """sha256 of everything left in a stream."""
     r = VerifyingReader(f, "stream")
     r.drain()
     return r.digest
-
-
-def read_json_blob(store: Store, digest: Digest) -> Any:
-    with store.content.open(digest) as f:
-        return json.load(io.TextIOWrapper(f, "utf-8"))

@@ -10,13 +10,7 @@ import sys
 import time
 from typing import BinaryIO, TextIO
 
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.4g}{unit}"
-        n /= 1000
-    return f"{n}B"
+from layerfs.text import human_size
 
 
 class Progress:
@@ -51,8 +45,8 @@ class Bar:
             self._draw()
 
     def _draw(self, end: str = "") -> None:
-        total = f" / {_human(self.total)}" if self.total else ""
-        self.p.stream.write(f"\r{self.label}  {_human(self.done)}{total}\x1b[K{end}")
+        total = f" / {human_size(self.total)}" if self.total else ""
+        self.p.stream.write(f"\r{self.label}  {human_size(self.done)}{total}\x1b[K{end}")
         self.p.stream.flush()
 
     def finish(self) -> None:

@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from layerfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from layerfs.mount.spec import WRITABLE_OVERLAY_OPTIONS, MountSpec
+from layerfs.mount.spec import OVERLAY, MountSpec, snapshot_spec
 from layerfs.store import Snapshot, Store
 from layerfs.store import disk_usage as store_disk_usage
-from layerfs.store.schema import now_ns
+from layerfs.store.fsck import fsck
 from snapshotter import filters
 
 KINDS = ("active", "view", "committed")
@@ -125,10 +124,7 @@ class Snapshotter:
                     labels.pop(k, None)
             else:
                 raise InvalidArgument(f"cannot update field {path!r} of snapshot {info.name} (only labels)")
-        with self.store.meta.transaction() as db:
-            db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (snap.id,))
-            db.executemany("INSERT INTO snapshot_labels VALUES (?, ?, ?)", [(snap.id, k, v) for k, v in labels.items()])
-            db.execute("UPDATE snapshots SET updated_ns=? WHERE id=?", (max(now_ns(), snap.updated_ns + 1), snap.id))
+        self.store.set_labels(snap, labels)
         return self.stat(info.name)
 
     def usage(self, key: str) -> Usage:
@@ -152,24 +148,16 @@ class Snapshotter:
         return out
 
     def _describe(self, snap: Snapshot) -> MountSpec:
-        parents = self._parents(snap)
+        """containerd's rules (``snapshot_spec``): a snapshot without parents is a bind mount
+        of its own directory; a view is its parents alone, read-only; an active snapshot is
+        its directory over its parents."""
+        layers = [self.store.fs_dir(p.id) for p in self._parents(snap)]
         fs = self.store.fs_dir(snap.id)
         if snap.kind == "view":
-            if not parents:
-                spec = MountSpec.bind(fs, readonly=True)
-            elif len(parents) == 1:
-                spec = MountSpec.bind(self.store.fs_dir(parents[0].id), readonly=True)
-            else:
-                # committed snapshots may hold redirects (renamed lower directories): follow
-                # them even where the kernel's redirect_always_follow default is off
-                spec = MountSpec.overlay([self.store.fs_dir(p.id) for p in parents], readonly=True,
-                                         extra=("redirect_dir=follow",))
-        elif not parents:
-            spec = MountSpec.bind(fs, readonly=False)
+            spec = snapshot_spec(layers, None if layers else fs, readonly=True)
         else:
-            spec = MountSpec.overlay([self.store.fs_dir(p.id) for p in parents], fs, self.store.work_dir(snap.id),
-                                     extra=WRITABLE_OVERLAY_OPTIONS)
-        if self.backend == "fuse" and spec.type == "overlay":
+            spec = snapshot_spec(layers, fs, self.store.work_dir(snap.id))
+        if self.backend == "fuse" and spec.type == OVERLAY:
             return spec.as_fuse()
         return spec
 
@@ -196,18 +184,10 @@ class Snapshotter:
         db_name = self._db_key(name)
         if snap.kind != "active":
             raise FailedPrecondition(f"snapshot {key} is {snap.kind}: only active snapshots can be committed")
-        use = disk_usage(self.store.fs_dir(snap.id))
-        with self.store.meta.transaction() as db:
-            if db.execute("SELECT 1 FROM snapshots WHERE key=?", (db_name,)).fetchone():
-                raise AlreadyExists(f"snapshot {name} already exists")
-            ts = now_ns()
-            db.execute("UPDATE snapshots SET key=?, kind='committed', updated_ns=?, size=?, inodes=? WHERE id=?",
-                       (db_name, ts, use.size, use.inodes, snap.id))
-            db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (snap.id,))
-            db.executemany("INSERT INTO snapshot_labels VALUES (?, ?, ?)",
-                           [(snap.id, k, v) for k, v in (labels or {}).items()])
-        # the workdir is only for writable mounts; drop it after the commit is recorded
-        shutil.rmtree(self.store.work_dir(snap.id), ignore_errors=True)
+        try:  # measures size and inodes, replaces the labels, drops the workdir
+            self.store.commit_snapshot(snap, db_name, dict(labels or {}))
+        except AlreadyExists:
+            raise AlreadyExists(f"snapshot {name} already exists") from None
 
     def remove(self, key: str) -> None:
         self._get(key)
@@ -218,11 +198,7 @@ class Snapshotter:
         ``fn`` may call ``stat`` (the listing is read before the first call)."""
         self._check_open()
         parsed = filters.parse_all(filter_strings)
-        # substr, not LIKE: LIKE ignores ASCII case, and namespaces must not mix
-        rows = self.store.meta.db.execute(
-            "SELECT id FROM snapshots WHERE substr(key, 1, ?) = ? ORDER BY id",
-            (len(self.prefix), self.prefix)).fetchall()
-        infos = [self._info(self.store.snapshot_by_id(r["id"])) for r in rows]
+        infos = [self._info(snap) for snap in self.store.list_snapshots(prefix=self.prefix)]
         for info in infos:
             if filters.match_any(parsed, _adaptor(info)):
                 fn(info)
@@ -236,7 +212,7 @@ class Snapshotter:
     def cleanup(self) -> list[str]:
         """Remove directories and staging the database does not know (containerd's Cleanup)."""
         self._check_open()
-        report = self.store.fsck(repair=True)
+        report = fsck(self.store, repair=True)
         return [f.problem for f in report.findings if f.repaired]
 
     def close(self) -> None:

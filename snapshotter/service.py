@@ -167,12 +167,8 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     @contextlib.contextmanager
     def _reading(state: _ThreadState) -> Iterator[Snapshotter]:
         """One read transaction: every query inside sees the same database state."""
-        db = state.store.meta.db
-        db.execute("BEGIN")
-        try:
+        with state.store.read_transaction():
             yield state.snapshotter
-        finally:
-            db.execute("COMMIT")
 
     @staticmethod
     @contextlib.contextmanager
@@ -311,7 +307,7 @@ class Server:
         prepare_socket_path(self.address)
         self._pool = futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="snapshots")
         self._server = grpc.server(self._pool)
-        pb_grpc.add_SnapshotsServicer_to_server(self.service, self._server)
+        pb_grpc.add_SnapshotsServicer_to_server(self.service, self._server)  # type: ignore[no-untyped-call]
         self._server.add_insecure_port("unix://" + self.address)
         self._server.start()
         os.chmod(self.address, 0o600)  # the snapshot API is root's business (containerd runs as root)

@@ -45,7 +45,7 @@ class Ctx:
 
 def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> object:
         try:
             return fn(*args, **kwargs)
         except LayerfsError as e:
@@ -76,5 +76,5 @@ def emit(text: str) -> None:
         click.echo(text, nl=not text.endswith("\n"))
 
 
-def emit_json(value: Any) -> None:
+def emit_json(value: object) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=False))

@@ -8,6 +8,7 @@ import time
 import click
 
 from layerfs.cli.base import Ctx, cli, emit, emit_json, handle_errors, pass_ctx
+from layerfs.text import human_duration, human_size, table
 
 
 @cli.command("mount")
@@ -55,12 +56,7 @@ def mounts_cmd(ctx: Ctx, fmt: str) -> None:
     rows: list[tuple[str, ...]] = [("MOUNTPOINT", "BACKEND", "PID", "MODE", "SNAPSHOT")]
     rows += [(r.target, r.backend, str(r.pid) if r.pid is not None else "-", "ro" if r.readonly else "rw",
               r.snapshot_key) for r in recs]
-    emit(_table(rows))
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in rows)
+    emit(table(rows[0], rows[1:]))
 
 
 @cli.command("create")
@@ -84,7 +80,6 @@ def create_cmd(ctx: Ctx, name: str, ref: str) -> None:
 def ps_cmd(ctx: Ctx, fmt: str, size: bool) -> None:
     """List containers."""
     from layerfs import containers, mounting
-    from layerfs.cli import render
 
     mounted: dict[str, list[str]] = {}
     for r in mounting.records(ctx.store):
@@ -100,10 +95,10 @@ def ps_cmd(ctx: Ctx, fmt: str, size: bool) -> None:
         return
     rows = [("NAME", "IMAGE", "CREATED", "MOUNTED AT", *(("SIZE",) if size else ()))]
     for c, m, u in items:
-        ago = render.human_duration(time.time() - c.created_ns / 1e9) + " ago"
+        ago = human_duration(time.time() - c.created_ns / 1e9) + " ago"
         rows.append((c.name, c.image, ago, ",".join(m) or "-",
-                     *((render.human_size(u or 0),) if size else ())))
-    emit(_table(rows))
+                     *((human_size(u or 0),) if size else ())))
+    emit(table(rows[0], rows[1:]))
 
 
 @cli.command("rm")
@@ -113,15 +108,10 @@ def ps_cmd(ctx: Ctx, fmt: str, size: bool) -> None:
 @handle_errors
 def rm_cmd(ctx: Ctx, names: tuple[str, ...], force: bool) -> None:
     """Remove containers and their changes."""
-    from layerfs import containers, mounting
+    from layerfs import mounting
 
     for name in names:
-        c = containers.get(ctx.store, name)
-        if force:
-            for r in mounting.records(ctx.store):
-                if r.snapshot_key == c.key:
-                    mounting.umount(ctx.store, r.target)
-        containers.remove(ctx.store, name)
+        mounting.remove_container(ctx.store, name, force=force)
         click.echo(name)
 
 

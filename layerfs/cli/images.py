@@ -45,12 +45,11 @@ def import_layer_cmd(ctx: Ctx, tars: tuple[str, ...], name: str, platform: str |
 @handle_errors
 def rmi_cmd(ctx: Ctx, refs: tuple[str, ...], force: bool) -> None:
     """Remove images, then the layers and blobs no other image needs."""
-    from layerfs import mounting
     from layerfs.image.source import normalize_ref
+    from layerfs.store import garbage
 
     names = [normalize_ref(r) for r in refs]
-    mounting.records(ctx.store)  # drop stale mount records: they must not pin layers
-    layers, blobs = ctx.store.remove_images(names, force=force)
+    layers, blobs = garbage.remove_images(ctx.store, names, force=force)
     for n in names:
         click.echo(f"Untagged: {n}")
     for layer in layers:
@@ -63,10 +62,9 @@ def rmi_cmd(ctx: Ctx, refs: tuple[str, ...], force: bool) -> None:
 @handle_errors
 def gc_cmd(ctx: Ctx) -> None:
     """Drop layers and blobs that no image needs."""
-    from layerfs import mounting
+    from layerfs.store import garbage
 
-    mounting.records(ctx.store)  # drop stale mount records: they must not pin layers
-    layers, blobs = ctx.store.gc()
+    layers, blobs = garbage.collect(ctx.store)
     for layer in layers:
         click.echo(f"Deleted layer: {layer}")
     for b in blobs:
@@ -82,7 +80,9 @@ def gc_cmd(ctx: Ctx) -> None:
 @handle_errors
 def fsck_cmd(ctx: Ctx, repair: bool, verify_blobs: bool, fmt: str) -> None:
     """Check that the store's files agree with its database (exit 1 if damage remains)."""
-    report = ctx.store.fsck(repair=repair, verify_blobs=verify_blobs)
+    from layerfs.store.fsck import fsck
+
+    report = fsck(ctx.store, repair=repair, verify_blobs=verify_blobs)
     if fmt == "json":
         emit_json({"clean": report.clean,
                    "findings": [{"problem": f.problem, "repaired": f.repaired} for f in report.findings]})

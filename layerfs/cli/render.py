@@ -1,12 +1,12 @@
 """Inspection views: images, the layer forest, history, per-layer diffs, changes and df.
 
-Pure rendering. The CLI gathers what it needs from the store into the plain dataclasses
-below (``LayerInfo``, ``ImageInfo``, ``DfRow``) and every ``render_*`` function turns them
+Pure rendering. ``layerfs.catalog`` gathers what a view needs from the store into plain
+records (``LayerInfo``, ``ImageInfo``, ``DfRow``) and every ``render_*`` function turns them
 into the text that goes to stdout. Nothing here opens the store, reads the clock (``now`` is
 a parameter, defaulting to the current time) or writes anywhere, so every view is tested
 against golden files.
 
-Output conventions (DESIGN.md, "CLI conventions"):
+Output conventions:
 
 - ``table`` output copies docker's: headers in capitals, columns aligned the way docker's
   ``tabwriter.NewWriter(out, 10, 1, 3, ' ', 0)`` aligns them (each column but the last as
@@ -24,14 +24,15 @@ Output conventions (DESIGN.md, "CLI conventions"):
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
+from layerfs.catalog import DfRow, ImageInfo, LayerInfo
 from layerfs.errors import InvalidArgument
+from layerfs.image.ref import split_tag
+from layerfs.text import human_duration, human_size, rfc3339, table, utc
 
 __all__ = [
     "DfRow",
@@ -53,113 +54,21 @@ NONE = "<none>"
 # docker history truncates CREATED BY to this many characters, ellipsis included.
 CREATED_BY_WIDTH = 45
 ELLIPSIS = "\u2026"
+# docker's tables: tabwriter minwidth 10 (padding 3, text.table's default)
+DOCKER_MINWIDTH = 10
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    """One committed layer as an image sees it."""
-
-    chain_id: str  # "sha256:<64hex>"
-    diff_id: str
-    parent: str | None  # chain id of the layer below, None for a base layer
-    size: int  # bytes of this layer's own content
-    created_by: str = ""  # from the config history (non-empty-layer entries)
-    created: datetime | None = None
-    comment: str = ""
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """One image name and what it points at."""
-
-    name: str  # "repo/path:tag", or "repo@sha256:..." (then its TAG is "<none>")
-    image_id: str  # config digest
-    created: datetime | None
-    layers: tuple[LayerInfo, ...]  # bottom first
-    manifest_digest: str | None = None
-
-    @property
-    def size(self) -> int:
-        return sum(layer.size for layer in self.layers)
-
-
-@dataclass(frozen=True)
-class DfRow:
-    """One line of ``layerfs df``; ``kind`` is "Images", "Layers", "Containers" or "Blobs"."""
-
-    kind: str
-    total: int  # how many objects of this kind
-    active: int  # how many are in use (by an image, a container, a mount)
-    size: int  # bytes
-    reclaimable: int  # bytes that removing the unused ones would free
-
-
-# --- units ------------------------------------------------------------------------------
-
-_SIZE_UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
-
-
-def human_size(size: float, precision: int = 4) -> str:
-    """go-units ``HumanSizeWithPrecision``: decimal units, ``%.<precision>g``, no space.
-
-    0 -> "0B", 1234 -> "1.234kB", 429_900_000 -> "429.9MB". Python's ``g`` format and Go's
-    ``%g`` follow the same rules (trailing zeros dropped, an exponent only from ``precision``
-    digits on), so edge cases match go-units too: 999_960 -> "1000kB", not "1MB".
-    """
-    value = float(size)
-    unit = 0
-    while value >= 1000.0 and unit < len(_SIZE_UNITS) - 1:
-        value /= 1000.0
-        unit += 1
-    return f"{value:.{precision}g}{_SIZE_UNITS[unit]}"
-
-
-def human_duration(seconds: float) -> str:
-    """go-units ``HumanDuration``: "About a minute", "3 hours", "2 weeks", "2 years".
-
-    Like Go, seconds and minutes truncate but hours round (half away from zero), so 1h29m
-    is "About an hour" and 1h31m is "2 hours"; days, weeks and months are whole divisions
-    of the rounded hours, years of the truncated ones. Negative durations (a clock that
-    went backwards) read "Less than a second", as in docker.
-    """
-    secs = int(seconds)
-    if secs < 1:
-        return "Less than a second"
-    if secs == 1:
-        return "1 second"
-    if secs < 60:
-        return f"{secs} seconds"
-    minutes = int(seconds / 60)
-    if minutes == 1:
-        return "About a minute"
-    if minutes < 60:
-        return f"{minutes} minutes"
-    hours = math.floor(seconds / 3600 + 0.5)  # Go's math.Round, not Python's banker's round
-    if hours == 1:
-        return "About an hour"
-    if hours < 48:
-        return f"{hours} hours"
-    if hours < 24 * 7 * 2:
-        return f"{hours // 24} days"
-    if hours < 24 * 30 * 2:
-        return f"{hours // 24 // 7} weeks"
-    if hours < 24 * 365 * 2:
-        return f"{hours // 24 // 30} months"
-    return f"{int(seconds / 3600) // 24 // 365} years"
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+# --- times --------------------------------------------------------------------------------
 
 
 def _rfc3339(moment: datetime | None) -> str | None:
-    return None if moment is None else _utc(moment).isoformat().replace("+00:00", "Z")
+    return None if moment is None else rfc3339(moment)
 
 
 def _since(moment: datetime | None, now: datetime) -> str:
     if moment is None:
         return "N/A"
-    return human_duration((_utc(now) - _utc(moment)).total_seconds()) + " ago"
+    return human_duration((utc(now) - utc(moment)).total_seconds()) + " ago"
 
 
 def _now(now: datetime | None) -> datetime:
@@ -209,18 +118,7 @@ def _printable_path(path: str) -> str:
     return "".join(out)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """Align like docker's tabwriter (minwidth 10, padding 3), without trailing blanks."""
-    lines = [list(header), *(list(row) for row in rows)]
-    widths = [max(10, max(len(line[col]) for line in lines) + 3) for col in range(len(header) - 1)]
-    text = []
-    for line in lines:
-        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
-        text.append(("".join(cells) + line[-1]).rstrip())
-    return "\n".join(text) + "\n"
-
-
-def _json(value: Any) -> str:
+def _json(value: object) -> str:
     return json.dumps(value, indent=2) + "\n"
 
 
@@ -239,18 +137,14 @@ def split_reference(name: str) -> tuple[str, str]:
     (``localhost:5000/app``) is not mistaken for one. ``repo@sha256:...`` shows the
     repository with tag ``<none>``, as ``docker images`` does for digest references.
     """
-    repo, _, _digest = name.partition("@")
-    slash = repo.rfind("/")
-    colon = repo.rfind(":")
-    if colon > slash:
-        return repo[:colon], repo[colon + 1 :]
-    return repo, NONE
+    repo, tag = split_tag(name)
+    return repo, NONE if tag is None else tag
 
 
 def _newest_first(images: Iterable[ImageInfo]) -> list[ImageInfo]:
     def key(image: ImageInfo) -> tuple[bool, float, str]:
         # Unknown creation times sort last: they are most likely the oldest.
-        stamp = -_utc(image.created).timestamp() if image.created is not None else 0.0
+        stamp = -utc(image.created).timestamp() if image.created is not None else 0.0
         return (image.created is None, stamp, image.name)
 
     return sorted(images, key=key)
@@ -294,7 +188,7 @@ def render_images(
         )
         for image in ordered
     ]
-    return _table(("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"), rows)
+    return table(("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"), rows, minwidth=DOCKER_MINWIDTH)
 
 
 # --- the layer forest ----------------------------------------------------------------------
@@ -503,7 +397,7 @@ def render_history(
         )
         for layer in top_first
     ]
-    return _table(("LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"), rows)
+    return table(("LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"), rows, minwidth=DOCKER_MINWIDTH)
 
 
 def _checked(changes: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -595,4 +489,4 @@ def render_df(rows: Iterable[DfRow], fmt: str = "table") -> str:
     lines = [
         (row.kind, str(row.total), str(row.active), human_size(row.size), _reclaimable(row)) for row in items
     ]
-    return _table(("TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"), lines)
+    return table(("TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"), lines, minwidth=DOCKER_MINWIDTH)

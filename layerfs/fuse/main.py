@@ -39,6 +39,7 @@ from layerfs import __version__
 from layerfs.errors import LayerfsError, UsageError
 from layerfs.mount.spec import split_lowerdir, unescape_path
 from layerfs.union import whiteout
+from layerfs.union.api import UnionOps
 
 PROG = "layerfs-fuse"
 DEFAULT_MODEL = "layerfs.union.fs:UnionFS"
@@ -330,7 +331,7 @@ def load_model(spec: str) -> Callable[..., Any]:
     return cls
 
 
-def build_model(opts: Options) -> Any:
+def build_model(opts: Options) -> UnionOps:
     """Check the directories and construct the union model (retrying briefly while busy)."""
     for path, what in [(p, "lowerdir") for p in opts.lowers] + [(opts.upper, "upperdir"), (opts.work, "workdir")]:
         if path is not None and not os.path.isdir(path):
@@ -344,7 +345,8 @@ def build_model(opts: Options) -> Any:
     deadline = time.monotonic() + BUSY_RETRY_SECONDS
     while True:
         try:
-            return cls(opts.lowers, upper=opts.upper, work=opts.work, fmt=fmt)
+            model: UnionOps = cls(opts.lowers, upper=opts.upper, work=opts.work, fmt=fmt)
+            return model
         except (OSError, LayerfsError) as e:
             busy = getattr(e, "errno", None) in (errno.EBUSY, errno.EAGAIN)
             if not busy or time.monotonic() > deadline:

@@ -7,7 +7,7 @@ else: ``RequestContext`` -> ``Ctx``, ``SetattrFields`` -> ``SetAttr``, ``Attr`` 
 logged with its traceback and answered ``EIO``, so one bug never takes the daemon down).
 Union semantics (lookup through layers, whiteouts, copy-up ...) live in the model.
 
-Kernel caching levers, per reply (see PERF-NOTES):
+Kernel caching levers, per reply (the biggest levers a FUSE union has, measured in bench/):
 
 - ``Attr.immutable`` entries (lower layer only: they cannot change while mounted) get long
   entry/attr timeouts (``CachePolicy.immutable``); everything else a short, non-zero one
@@ -132,7 +132,7 @@ def _guard(handler: H) -> H:
     """
 
     @functools.wraps(handler)
-    async def guarded(self: UnionOperations, *args: Any) -> Any:
+    async def guarded(self: UnionOperations, *args: Any) -> object:
         self._requests += 1
         try:
             return await handler(self, *args)

@@ -192,7 +192,7 @@ def _uncompressed(layer: ExportLayer) -> Iterator[BinaryIO]:
                 yield gz  # type: ignore[misc]
         else:
             with zstandard.ZstdDecompressor().stream_reader(raw, closefd=False) as zs:
-                yield zs  # type: ignore[misc]
+                yield zs
 
 
 def export_docker_archive(images: list[ExportImage], out: str) -> None:
@@ -263,7 +263,7 @@ def _copy(blob: _Blob, dst: BinaryIO) -> int:
     with blob.open() as raw:
         reader = VerifyingReader(raw, blob.what, blob.digest, blob.size)
         try:
-            shutil.copyfileobj(reader, dst, 1 << 20)  # type: ignore[misc]
+            shutil.copyfileobj(reader, dst, 1 << 20)
         except (gzip.BadGzipFile, EOFError, zlib.error, zstandard.ZstdError) as e:
             raise DigestMismatch(f"{blob.what}: cannot decompress: {e}") from e
         _finish(reader)
@@ -288,14 +288,14 @@ def _add_to_tar(tar: tarfile.TarFile, name: str, item: bytes | _Blob, staging: s
     if item.size is None:
         # A tar header carries the size before the data: spool to learn it.
         with tempfile.TemporaryFile(dir=staging) as spool:
-            size = _copy(item, spool)  # type: ignore[arg-type]
+            size = _copy(item, spool)
             spool.seek(0)
             tar.addfile(_tarinfo(name, size), spool)
         return
     with item.open() as raw:
         reader = VerifyingReader(raw, item.what, item.digest, item.size)
         try:
-            tar.addfile(_tarinfo(name, item.size), reader)  # type: ignore[arg-type]
+            tar.addfile(_tarinfo(name, item.size), reader)
         except OSError as e:
             if reader.size < item.size:  # tarfile's "unexpected end of data"
                 raise DigestMismatch(

@@ -1,6 +1,6 @@
 """Reading OCI image layouts: descriptors, indexes, manifests, configs, platforms.
 
-Formats owned here (``images.py`` is the public face):
+Formats owned here (``layerfs.image.source`` is the public face):
 
 - OCI image layout, image-spec v1: ``oci-layout`` (``imageLayoutVersion`` "1.0.0"),
   ``index.json``, ``blobs/sha256/<hex>``; nested image indexes are followed.
@@ -59,6 +59,8 @@ LAYER_TYPES: dict[str, str] = {
     DOCKER_FOREIGN_GZIP: "gzip",
 }
 FOREIGN_LAYER_TYPES = frozenset(t for t in LAYER_TYPES if "nondistributable" in t or "foreign" in t)
+# what layerfs writes for a layer blob, by its compression as ``compression.detect`` names it
+OCI_LAYER_BY_COMPRESSION = {"plain": OCI_LAYER, "gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD}
 
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
@@ -478,9 +480,14 @@ _TO_OCI_LAYER = {
 }
 
 
-def canonical_json(obj: Any) -> bytes:
-    """Compact JSON with sorted keys: the same object always gives the same bytes (and digest)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+def canonical_json(obj: object, *, ensure_ascii: bool = False) -> bytes:
+    """Compact JSON with sorted keys: the same object always gives the same bytes (and digest).
+
+    Non-ASCII text is written as UTF-8, or as ``\\uXXXX`` escapes with ``ensure_ascii``:
+    the image configs layerfs builds and the configs and manifests export rewrites are
+    written that way, so their digests stay what they were.
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=ensure_ascii).encode()
 
 
 def synthesize_manifest(config_bytes: bytes, layers: list[tuple[Digest, int, str]]) -> bytes:

@@ -54,6 +54,19 @@ class Reference:
         return out
 
 
+def split_tag(ref: str) -> tuple[str, str | None]:
+    """``name[:tag][@digest]`` -> (name, tag or None), without validating either.
+
+    The tag is after the last ``:`` unless that ``:`` belongs to a host's port
+    (``localhost:5000/app`` has no tag); a digest is dropped.
+    """
+    rest = ref.partition("@")[0]
+    colon = rest.rfind(":")
+    if colon > rest.rfind("/"):
+        return rest[:colon], rest[colon + 1 :]
+    return rest, None
+
+
 def parse_ref(ref: str) -> Reference:
     """Parse a reference, appending ``:latest`` when it has neither tag nor digest."""
     if not isinstance(ref, str) or not ref:
@@ -65,15 +78,11 @@ def parse_ref(ref: str) -> Reference:
             digest = Digest.parse(digest_part)
         except InvalidArgument as e:
             raise InvalidArgument(f"invalid reference {ref!r}: {e}") from e
-    # The tag is after the last ':' unless that ':' belongs to a host's port ("host:5000/x").
-    name, tag = rest, None
-    colon = rest.rfind(":")
-    if colon > rest.rfind("/"):
-        name, tag = rest[:colon], rest[colon + 1 :]
-        if not _TAG.fullmatch(tag):
-            raise InvalidArgument(
-                f"invalid reference {ref!r}: bad tag {tag!r} (letters, digits, '_', '.', '-'; at most 128)"
-            )
+    name, tag = split_tag(rest)
+    if tag is not None and not _TAG.fullmatch(tag):
+        raise InvalidArgument(
+            f"invalid reference {ref!r}: bad tag {tag!r} (letters, digits, '_', '.', '-'; at most 128)"
+        )
     if not name:
         raise InvalidArgument(f"invalid reference {ref!r}: empty repository name")
     if len(name) > _NAME_MAX:

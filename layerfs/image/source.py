@@ -2,11 +2,11 @@
 
 Formats (each read or written by the module named):
 
-- OCI image layout, directory or tar, nested indexes, multi-platform (``imagefmt_oci``);
+- OCI image layout, directory or tar, nested indexes, multi-platform (``oci``);
 - docker archives: old style (``<id>/layer.tar``, symlinked layers) and Docker >= 25
-  (OCI layout + ``manifest.json``) (``imagefmt_docker``);
-- writing both back out, byte for byte for OCI (``imagefmt_export``);
-- image references (``imageref``); file access inside dirs and tars (``imagefmt_files``).
+  (OCI layout + ``manifest.json``) (``docker``);
+- writing both back out, byte for byte for OCI (``export``);
+- image references (``ref``); file access inside dirs and tars (``files``).
 
 How the importer uses it::
 

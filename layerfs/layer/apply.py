@@ -48,8 +48,9 @@ from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Self, cast
 
+from layerfs.digest import Readable
 from layerfs.errors import UnsafeArchive
-from layerfs.layer.compression import Readable
+from layerfs.linux.files import rmtree_at
 from layerfs.union import whiteout
 from layerfs.union.view import Entry, LayerStack
 from layerfs.union.whiteout import LayerFormat
@@ -98,7 +99,7 @@ def apply_layer(
         applier.run(tar_stream)
         return ApplyStats(applier.entries, applier.size)
     finally:
-        applier.release()
+        applier.close()
         os.close(root_fd)
 
 
@@ -121,7 +122,7 @@ class _StrictTarInfo(tarfile.TarInfo):
             return super().fromtarfile(tarfile_)
         except _EOF_HEADER:
             # A zero block ends the archive only if the next block is zero too (or absent).
-            nxt = tarfile_.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+            nxt = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
             if nxt.count(0) != len(nxt):
                 raise _CorruptTar("data after an end-of-archive zero block") from None
             raise
@@ -177,8 +178,9 @@ class _Applier:
         self.what = what
         self.entries = 0
         self.size = 0
-        # this layer over the lowers: what a missing parent would be created over
-        self.union = LayerStack([dest, *lowers]) if lowers else None
+        # this layer over the lowers: what a missing parent would be created over. This layer
+        # is written while the view is consulted: each lookup reads it afresh (the lowers once)
+        self.union = LayerStack([dest, *lowers], top_changes=True) if lowers else None
         self.privileged = os.geteuid() == 0
         # path -> (mode, (atime_ns, mtime_ns)) of explicit directories, applied at the end
         self.dirs: dict[str, tuple[int, tuple[int, int], int]] = {}  # ... and the entry number
@@ -190,6 +192,11 @@ class _Applier:
         if self._cached is not None:
             os.close(self._cached[1])
             self._cached = None
+
+    def close(self) -> None:
+        self.release()
+        if self.union is not None:
+            self.union.close()
 
     def _err(self, entry: str, msg: str) -> UnsafeArchive:
         return UnsafeArchive(f"{self.what}: {entry!r}: {msg}", entry)
@@ -367,7 +374,7 @@ class _Applier:
         if stat.S_ISDIR(st.st_mode):
             # The cached fd is ``parent`` itself (the cache always holds the current
             # entry's parent), never something inside the tree that goes.
-            whiteout.remove_tree_at(parent, name)
+            rmtree_at(parent, name)
             self.removed[path] = self.entries  # its recorded metadata (and its children's) is void
         else:
             os.unlink(name, dir_fd=parent)

@@ -35,7 +35,8 @@ import xxhash
 from layerfs.digest import ALGORITHM, Digest
 from layerfs.errors import FailedPrecondition, UnsafeArchive
 from layerfs.union import whiteout
-from layerfs.union.view import Entry, LayerStack, redirect_of
+from layerfs.union.view import Entry, LayerStack
+from layerfs.union.whiteout import redirect_of
 
 ADDED = "A"
 CHANGED = "C"
@@ -114,12 +115,11 @@ def layer_changes(layer_dir: str, lowers: Sequence[str]) -> list[Change]:
       itself. Directories under an opaque one do not merge with the lowers either (the
       kernel stops merging at the opaque one), so they hide their lower children as well.
     """
-    stack = LayerStack(lowers)
-    merged = LayerStack([layer_dir, *lowers])
     changes: list[Change] = []
-    root_lower = stack.root()
-    # an opaque marker on a layer root is ignored, as kernel overlayfs ignores it
-    _walk_layer_dir(stack, layer_dir, "", root_lower, False, changes, merged)
+    with LayerStack(lowers) as stack, LayerStack([layer_dir, *lowers]) as merged:
+        root_lower = stack.root()
+        # an opaque marker on a layer root is ignored, as kernel overlayfs ignores it
+        _walk_layer_dir(stack, layer_dir, "", root_lower, False, changes, merged)
     return sorted(changes)
 
 
@@ -236,8 +236,11 @@ def write_layer_tar(layer_dir: str, out: BinaryIO, lowers: Sequence[str] = ()) -
             root_st = os.fstat(root_fd)
             if whiteout.is_opaque(_fd_path(root_fd)):
                 tar.addfile(_marker_info(whiteout.OPAQUE_MARKER, root_st))
-            stack = LayerStack([layer_dir, *lowers]) if lowers else None
-            _TarWriter(tar, stack).write_dir(root_fd, "")
+            if lowers:
+                with LayerStack([layer_dir, *lowers]) as stack:
+                    _TarWriter(tar, stack).write_dir(root_fd, "")
+            else:
+                _TarWriter(tar).write_dir(root_fd, "")
     finally:
         os.close(root_fd)
 

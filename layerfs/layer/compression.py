@@ -72,7 +72,7 @@ def _env_number(name: str, default: float, kind: type) -> float:
         raise InvalidArgument(f"{name}={raw!r}: expected a {kind.__name__}") from None
     if value <= 0:
         raise InvalidArgument(f"{name}={raw!r}: must be positive")
-    return value
+    return float(value)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The few Linux calls the union model needs that ``os`` does not offer, via libc/ctypes.
+"""Linux file calls by directory fd: the few ``os`` lacks (via libc/ctypes), and fd-based helpers.
 
 - ``renameat2`` with ``RENAME_NOREPLACE`` / ``RENAME_EXCHANGE`` / ``RENAME_WHITEOUT``: the
   kernel's own overlay writes whiteouts and replaces entries in the upper with these, so a
@@ -6,10 +6,12 @@
 - ``utimensat`` with ``UTIME_OMIT`` / ``UTIME_NOW`` per timestamp (``os.utime`` sets both);
 - ``getdents64``: names with their raw d_type;
 - ``FICLONE``: reflink a whole file where the filesystem can (btrfs, xfs); copy-up tries it
-  before ``copy_file_range``.
+  before ``copy_file_range``;
+- ``rmtree_at``: ``rm -rf`` below a directory fd, following no symlink, at any depth
+  (``DIR_FLAGS`` is how every directory is opened for that: no symlink, no fd inheritance).
 
-Every function takes directory fds and names (bytes), never long path strings, and raises
-``OSError`` with the errno the kernel gave.
+Every function takes directory fds and names (bytes; ``rmtree_at`` takes str too), never
+long path strings, and raises ``OSError`` with the errno the kernel gave.
 """
 
 from __future__ import annotations
@@ -18,10 +20,14 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 import sys
 from collections.abc import Iterator
 
 from layerfs.linux.libc import libc, syscall
+
+# open a directory relative to a dir fd: never through a symlink, never inherited by a child
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -123,3 +129,36 @@ def getdents(dir_fd: int) -> Iterator[tuple[str, int]]:
             name = raw[pos + 19 : pos + reclen].split(b"\0", 1)[0]
             yield os.fsdecode(name), d_type
             pos += reclen
+
+
+def rmtree_at(dir_fd: int, name: str | bytes) -> None:
+    """``rm -rf`` of ``name`` in ``dir_fd``: nothing if it is missing, an unlink if it is not a
+    directory. No symlink is followed and there is no recursion, so any depth works; the
+    directories on the way down are held open (one fd per level, closed on the way up)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    # the open directories from ``name`` down to the one being emptied: (fd, name in parent)
+    stack: list[tuple[int, str | bytes]] = [(os.open(name, DIR_FLAGS, dir_fd=dir_fd), name)]
+    try:
+        while stack:
+            fd, _ = stack[-1]
+            subdir = None
+            for child in os.listdir(fd):
+                if stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
+                    subdir = child
+                    break
+                os.unlink(child, dir_fd=fd)
+            if subdir is not None:
+                stack.append((os.open(subdir, DIR_FLAGS, dir_fd=fd), subdir))
+                continue
+            fd, dname = stack.pop()
+            os.close(fd)
+            os.rmdir(dname, dir_fd=stack[-1][0] if stack else dir_fd)
+    finally:
+        for fd, _ in stack:
+            os.close(fd)

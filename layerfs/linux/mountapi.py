@@ -1,16 +1,45 @@
-"""The new mount API's fs contexts (``fsopen``/``fsconfig``), as ``FsContext``.
+"""Mount syscalls: legacy ``mount(2)``/``umount2(2)``/``unshare(2)``, and the new mount
+API's fs contexts (``fsopen``/``fsconfig``) as ``FsContext``.
 
-``fsmount`` and ``move_mount`` are plain ``syscall`` calls in ``layerfs.mount.kernel``;
+Every function raises ``OSError`` with the kernel's errno (and the path, where there is
+one). ``fsmount`` and ``move_mount`` are plain ``syscall`` calls in ``layerfs.mount.kernel``;
 the context, with its error log, is the part worth a class.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from types import TracebackType
 
-from layerfs.linux.libc import syscall
+from layerfs.linux.libc import libc, syscall
+
+
+def _fail(path: str | None) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, os.strerror(err), path) if path is not None else OSError(err, os.strerror(err))
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    """mount(2). Strings are passed as given (no escaping: that is the caller's syntax)."""
+    if libc.mount(source.encode() if source is not None else None, target.encode(),
+                  fstype.encode() if fstype is not None else None, flags,
+                  data.encode() if data is not None else None) != 0:
+        raise _fail(target)
+
+
+def umount2(target: str, flags: int) -> None:
+    """umount2(2) of ``target`` with ``flags`` (MNT_DETACH, UMOUNT_NOFOLLOW, ...)."""
+    if libc.umount2(target.encode(), flags) != 0:
+        raise _fail(target)
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) for the calling thread (CLONE_FS: its own cwd and root)."""
+    if libc.unshare(flags) != 0:
+        raise _fail(None)
+
 
 FSOPEN_CLOEXEC = 0x1
 FSCONFIG_SET_FLAG = 0

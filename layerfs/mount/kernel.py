@@ -1,4 +1,4 @@
-"""The kernel backend: execute a ``MountSpec`` with mount syscalls (libc via ctypes).
+"""The kernel backend: execute a ``MountSpec`` with mount syscalls (``layerfs.linux.mountapi``).
 
 Lifecycle: ``mount(spec, target)`` makes the tree live at ``target`` in the caller's mount
 namespace; it stays there, whatever happens to this process, until ``unmount(target)``.
@@ -37,7 +37,7 @@ reasons (a missing layer, too few lowers) only to the kernel log; the message sa
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import errno
 import os
 import threading
@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from layerfs.errors import FailedPrecondition, InUse, InvalidArgument, LayerfsError, NotFound, Unsupported
-from layerfs.linux.libc import check, libc, syscall
-from layerfs.linux.mountapi import FSCONFIG_MAX_STRING, FsContext
+from layerfs.linux.libc import syscall
+from layerfs.linux.mountapi import FSCONFIG_MAX_STRING, FsContext, umount2, unshare
+from layerfs.linux.mountapi import mount as mount_syscall
 from layerfs.linux.mountinfo import mount_table
 from layerfs.mount.probe import OVL_MAX_STACK, probe
 from layerfs.mount.spec import BIND, OVERLAY, MountSpec, escape_path
@@ -133,10 +134,12 @@ def unmount(target: str, *, detach: bool = False) -> None:
     """
     path = os.path.abspath(target)
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if detach else 0)
-    if libc.umount2(path.encode(), flags) == 0:
+    try:
+        umount2(path, flags)
         return
-    err = ctypes.get_errno()
-    cause = OSError(err, os.strerror(err), path)
+    except OSError as e:
+        cause = e
+    err = cause.errno or 0
     if err == errno.EINVAL:
         raise FailedPrecondition(f"cannot unmount {path}: it is not a mount point") from cause
     if err == errno.ENOENT:
@@ -328,7 +331,7 @@ def _overlay_legacy(spec: MountSpec, plan: OverlayPlan, target: str) -> None:
         data = relative
 
     def call() -> None:
-        check(libc.mount(spec.source.encode(), target.encode(), b"overlay", plan.ms_flags, data.encode()))
+        mount_syscall(spec.source, target, "overlay", plan.ms_flags, data)
 
     try:
         if base is None:
@@ -354,7 +357,7 @@ def in_private_cwd(directory: str, fn: Callable[[], T]) -> T:
 
     def run() -> None:
         try:
-            check(libc.unshare(CLONE_FS), "unshare(CLONE_FS)")
+            unshare(CLONE_FS)
             os.chdir(directory)
             result.append(fn())
         except BaseException as e:  # handed to the caller's thread below
@@ -380,20 +383,19 @@ def _mount_bind(spec: MountSpec, target: str) -> None:
             raise InvalidArgument(f"option {option!r} does not apply to a bind mount of {spec.source}")
     flags = MS_BIND | (MS_REC if spec.recursive else 0)
     where = f"bind mount {spec.source} on {target}"
-    if libc.mount(spec.source.encode(), target.encode(), None, flags, None) != 0:
-        err = ctypes.get_errno()
-        raise _errno_error(err, where, [("bind source", spec.source), ("target", target)]) from OSError(
-            err, os.strerror(err)
-        )
+    try:
+        mount_syscall(spec.source, target, None, flags, None)
+    except OSError as e:
+        raise _errno_error(e.errno or 0, where, [("bind source", spec.source), ("target", target)]) from e
     if not remount_flags:
         return
     # per-mount flags cannot be set by the bind itself; a remount of the new mount sets them
-    if libc.mount(None, target.encode(), None, MS_REMOUNT | MS_BIND | remount_flags, None) != 0:
-        err = ctypes.get_errno()
-        libc.umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW)  # do not leave it writable
-        raise _errno_error(err, f"{where}: remount with {spec.options}", []) from OSError(
-            err, os.strerror(err)
-        )
+    try:
+        mount_syscall(None, target, None, MS_REMOUNT | MS_BIND | remount_flags, None)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            umount2(target, MNT_DETACH | UMOUNT_NOFOLLOW)  # do not leave it writable
+        raise _errno_error(e.errno or 0, f"{where}: remount with {spec.options}", []) from e
 
 
 # --- errors -----------------------------------------------------------------------------

@@ -4,6 +4,9 @@ A ``MountSpec`` is layerfs' twin of containerd's ``mount.Mount`` (type, source, 
 The store and the snapshotter *return* these; only ``layerfs.mount`` executes them. This
 module is pure: no syscalls, so option building is testable without root.
 
+``snapshot_spec`` is the one rule that turns a snapshot (committed layers, an optional
+upper) into a ``MountSpec``; ``MountSpec.as_fuse`` hands the same overlay to FUSE.
+
 Option strings follow containerd and mount(8):
 
 - overlay: ``lowerdir=TOP:...:BOTTOM`` (top layer first, as overlayfs reads it),
@@ -99,6 +102,48 @@ def _check_extra(option: str) -> str:
     if key in ("bind", "rbind"):
         raise InvalidArgument(f"mount option {option!r} makes no sense for an overlay mount")
     return option
+
+
+def snapshot_spec(
+    layers: Sequence[str],
+    upper: str | None = None,
+    work: str | None = None,
+    *,
+    readonly: bool = False,
+    extra: Sequence[str] = (),
+) -> MountSpec:
+    """How to mount a snapshot: committed ``layers`` (top first) under an optional ``upper``.
+
+    The one place a snapshot becomes a mount description (image views, containers, and
+    the snapshotter's views and active snapshots), with the rules of containerd's overlay
+    snapshotter:
+
+    - no layers: a bind mount of ``upper`` (a snapshot without parents is its own
+      directory), read-only if ``readonly``;
+    - no upper: a read-only view of the layers. One layer is a read-only bind mount of it;
+      more are a read-only overlay that follows redirects (``redirect_dir=follow``):
+      committed layers may hold redirects (renamed lower directories), followed even where
+      the kernel's ``redirect_always_follow`` default is off;
+    - layers and an upper (with its ``work`` dir): a writable overlay with
+      ``WRITABLE_OVERLAY_OPTIONS`` (and ``ro`` if ``readonly``).
+
+    ``extra`` (mount flags such as ``nodev``, ``nosuid``) is added to whichever it is.
+    """
+    if isinstance(layers, str):
+        raise InvalidArgument("layers must be a sequence of paths, not one string")
+    if not layers:
+        if upper is None:
+            raise InvalidArgument("nothing to mount: no layers and no upper")
+        spec = MountSpec.bind(upper, readonly=readonly)
+    elif upper is None:
+        if not readonly:
+            raise InvalidArgument("a view of committed layers without an upper can only be read-only")
+        if len(layers) > 1:
+            return MountSpec.overlay(layers, readonly=True, extra=("redirect_dir=follow", *extra))
+        spec = MountSpec.bind(layers[0], readonly=True)
+    else:
+        return MountSpec.overlay(layers, upper, work, readonly=readonly, extra=(*WRITABLE_OVERLAY_OPTIONS, *extra))
+    return MountSpec(spec.type, spec.source, (*spec.options, *(_check_extra(o) for o in extra)))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The layer store: snapshots, blobs and images under one root, changed atomically.
 
-Layout (see DESIGN.md)::
+Layout (ARCHITECTURE.md has the whole store format)::
 
     $ROOT/ (0700)
       meta.db            SQLite (WAL): the source of truth (layerfs.store.schema)
@@ -9,6 +9,11 @@ Layout (see DESIGN.md)::
       snapshots/<id>/fs  layer or upper contents, overlayfs on-disk format
       snapshots/<id>/work overlay workdir (active snapshots)
       tmp/               staging (new-*, ingest-*): garbage after a crash
+
+``Store`` owns snapshots (layers, uppers, their labels), blobs and images; the records of
+containers and mounts are its ``containers`` and ``mounts`` (``layerfs.store.records``).
+Collecting garbage (``layerfs.store.garbage``) and checking (``layerfs.store.fsck``) work on
+a ``Store``; this module imports neither.
 
 Lifecycle of a change: stage files under ``tmp/``; open one SQLite transaction; insert the
 rows; rename the staged directories into ``snapshots/<id>``; commit. A crash before the
@@ -20,25 +25,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from layerfs import failpoint
 from layerfs.digest import Digest
 from layerfs.errors import AlreadyExists, FailedPrecondition, InUse, InvalidArgument, NotFound, StoreError
 from layerfs.store.content import ContentStore, Ingest, fsync_dir
+from layerfs.store.records import ContainerRecord, ContainerRecords, MountRecords
 from layerfs.store.schema import Metadata, now_ns
 from layerfs.union import whiteout
-
-if TYPE_CHECKING:
-    from layerfs.store.fsck import FsckReport
 
 IMAGE_LAYER_LABEL = "layerfs.io/image-layer"
 
@@ -118,6 +119,8 @@ class Store:
         self.tmp_dir = os.path.join(self.root, "tmp")
         self.meta = Metadata(os.path.join(self.root, "meta.db"))
         self.content = ContentStore(os.path.join(self.root, "blobs"), self.tmp_dir)
+        self.containers = ContainerRecords(self.meta)
+        self.mounts = MountRecords(self.meta)
         self.fmt = self._layer_format()
         self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         self._lock_depth = 0
@@ -132,6 +135,10 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def read_transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One read transaction: every query inside sees the same state of the database."""
+        return self.meta.read_transaction()
 
     def _layer_format(self) -> whiteout.LayerFormat:
         opaque = self.meta.get_meta("opaque_xattr")
@@ -222,9 +229,6 @@ class Store:
             return []
         return [self.fs_dir(s.id) for s in self.chain(chain_id)]
 
-    def has_layer(self, chain_id: Digest) -> bool:
-        return self.get_snapshot(chain_id) is not None
-
     def new_staging(self) -> str:
         """A fresh ``tmp/new-*`` directory with an empty ``fs/`` (mode 0755) inside."""
         path = tempfile.mkdtemp(prefix="new-", dir=self.tmp_dir)
@@ -232,12 +236,23 @@ class Store:
         os.chmod(os.path.join(path, "fs"), 0o755)
         return path
 
-    def list_snapshots(self) -> list[Snapshot]:
-        return [Snapshot.from_row(r) for r in self.meta.db.execute("SELECT * FROM snapshots ORDER BY id")]
+    def list_snapshots(self, prefix: str = "") -> list[Snapshot]:
+        """Every snapshot (whose key starts with ``prefix``, case-sensitively), by id."""
+        # substr, not LIKE: LIKE ignores ASCII case, and namespaces must not mix
+        rows = self.meta.db.execute("SELECT * FROM snapshots WHERE substr(key, 1, ?) = ? ORDER BY id",
+                                    (len(prefix), prefix))
+        return [Snapshot.from_row(r) for r in rows]
 
     def labels(self, sid: int) -> dict[str, str]:
         rows = self.meta.db.execute("SELECT k, v FROM snapshot_labels WHERE snapshot_id=?", (sid,))
         return {r["k"]: r["v"] for r in rows}
+
+    def set_labels(self, snap: Snapshot, labels: Mapping[str, str]) -> None:
+        """Replace the labels of ``snap``; its updated time moves (strictly forward), its created time does not."""
+        with self.meta.transaction() as db:
+            db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (snap.id,))
+            db.executemany("INSERT INTO snapshot_labels VALUES (?, ?, ?)", [(snap.id, k, v) for k, v in labels.items()])
+            db.execute("UPDATE snapshots SET updated_ns=? WHERE id=?", (max(now_ns(), snap.updated_ns + 1), snap.id))
 
     def _place(self, staging: str, sid: int) -> str:
         """Rename a staged directory into ``snapshots/<sid>``; an orphan there is removed first."""
@@ -253,19 +268,26 @@ class Store:
         key: str,
         parent: str | None,
         kind: str = "active",
-        in_txn: Callable[[sqlite3.Connection, int], None] | None = None,
         labels: dict[str, str] | None = None,
     ) -> Snapshot:
         """A new active (writable) or view snapshot over the committed ``parent``.
 
         Its directory holds ``fs/`` (the upper, mode 0755) and ``work/`` (overlay's workdir).
-        ``in_txn(db, id)`` runs inside the same transaction (e.g. to record its owner), so a
-        crash never leaves a snapshot without the row that owns it.
         """
         if kind not in ("active", "view"):
             raise ValueError(kind)
         with self.shared_lock():  # fsck --repair must not take the staging or the new dir
-            return self._create_active(key, parent, kind, in_txn, labels)
+            return self._create_active(key, parent, kind, None, labels)
+
+    def create_container(self, name: str, key: str, image: Image) -> None:
+        """Container ``name``: the active snapshot ``key`` over ``image``'s top layer and the
+        row that owns it, in one transaction, so a crash never leaves a snapshot without it."""
+        def record(db: sqlite3.Connection, sid: int) -> None:
+            rec = ContainerRecord(name, image.name, image.manifest_digest, image.config_digest, sid, now_ns())
+            self.containers.insert(db, rec)
+
+        with self.shared_lock():  # fsck --repair must not take the staging or the new dir
+            self._create_active(key, image.top_chain_id, "active", record, None)
 
     def _create_active(
         self,
@@ -275,6 +297,7 @@ class Store:
         in_txn: Callable[[sqlite3.Connection, int], None] | None,
         labels: dict[str, str] | None,
     ) -> Snapshot:
+        """``create_active``; ``in_txn(db, id)`` runs inside the same transaction."""
         staging = self.new_staging()
         os.mkdir(os.path.join(staging, "work"), 0o700)
         ts = now_ns()
@@ -305,19 +328,30 @@ class Store:
             raise
         return self.snapshot_by_id(sid)
 
-    def remove_snapshot(self, key: str, in_txn: Callable[[sqlite3.Connection, int], None] | None = None) -> None:
-        """Remove a snapshot that has no children and is not mounted (files deleted after commit).
+    def remove_snapshot(self, key: str) -> None:
+        """Remove a snapshot that has no children and is not mounted (files deleted after commit)."""
+        self._remove_snapshot(key, None)
 
-        ``in_txn(db, id)`` runs inside the same transaction, before the row goes."""
+    def remove_container(self, name: str, key: str) -> None:
+        """Remove container ``name``: its row and its active snapshot ``key``, in one
+        transaction. Refused while it is mounted (stale mount records are dropped first)."""
+        self.mounts.prune()
+        target = self.mounts.target_of(key)
+        if target is not None:
+            raise InUse(f"container {name} is mounted at {target}; unmount it first (layerfs umount)")
+        self._remove_snapshot(key, lambda db, sid: self.containers.delete(db, name))
+
+    def _remove_snapshot(self, key: str, in_txn: Callable[[sqlite3.Connection, int], None] | None) -> None:
+        """``remove_snapshot``; ``in_txn(db, id)`` runs inside the same transaction, before the row goes."""
         with self.meta.transaction() as db:
             row = db.execute("SELECT id FROM snapshots WHERE key=?", (key,)).fetchone()
             if row is None:
                 raise NotFound(f"snapshot {key} not found")
             if db.execute("SELECT 1 FROM snapshots WHERE parent_id=?", (row["id"],)).fetchone():
                 raise FailedPrecondition(f"snapshot {key} has children")
-            m = db.execute("SELECT target FROM mounts WHERE snapshot_key=?", (key,)).fetchone()
-            if m is not None:
-                raise InUse(f"snapshot {key} is mounted at {m['target']}")
+            target = self.mounts.target_of(key)
+            if target is not None:
+                raise InUse(f"snapshot {key} is mounted at {target}")
             if in_txn is not None:
                 in_txn(db, row["id"])
             db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (row["id"],))
@@ -326,6 +360,21 @@ class Store:
 
     def work_dir(self, sid: int) -> str:
         return os.path.join(self.snapshot_dir(sid), "work")
+
+    def commit_snapshot(self, snap: Snapshot, key: str, labels: Mapping[str, str]) -> None:
+        """Commit the active snapshot ``snap`` under the new key ``key`` (containerd's Commit):
+        its size and inodes are measured and stored, its labels replaced by ``labels``, and
+        its workdir (only for writable mounts) dropped once the commit is recorded.
+        AlreadyExists if ``key`` is taken."""
+        size, inodes = disk_usage(self.fs_dir(snap.id))
+        with self.meta.transaction() as db:
+            if db.execute("SELECT 1 FROM snapshots WHERE key=?", (key,)).fetchone():
+                raise AlreadyExists(f"snapshot {key} already exists")
+            db.execute("UPDATE snapshots SET key=?, kind='committed', updated_ns=?, size=?, inodes=? WHERE id=?",
+                       (key, now_ns(), size, inodes, snap.id))
+            db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (snap.id,))
+            db.executemany("INSERT INTO snapshot_labels VALUES (?, ?, ?)", [(snap.id, k, v) for k, v in labels.items()])
+        shutil.rmtree(self.work_dir(snap.id), ignore_errors=True)
 
     # -- blobs ---------------------------------------------------------------------------
     def blob(self, digest: Digest) -> BlobRecord | None:
@@ -337,6 +386,12 @@ class Store:
 
     def has_blob(self, digest: Digest) -> bool:
         return self.blob(digest) is not None and self.content.has(digest)
+
+    def blob_sizes(self) -> list[tuple[Digest, int, bool]]:
+        """Every recorded blob: its digest, its size, and whether an image lists it."""
+        rows = self.meta.db.execute(
+            "SELECT digest, size, digest IN (SELECT digest FROM image_blobs) AS used FROM blobs").fetchall()
+        return [(Digest(r["digest"]), int(r["size"]), bool(r["used"])) for r in rows]
 
     # -- images --------------------------------------------------------------------------
     def get_image(self, name: str) -> Image:
@@ -443,110 +498,6 @@ class Store:
                 "FROM images WHERE name=?", (target, now_ns(), img.name))
             db.execute("INSERT INTO image_blobs SELECT ?, digest FROM image_blobs WHERE name=?", (target, img.name))
 
-    def remove_images(self, names: Sequence[str], force: bool = False) -> tuple[list[Digest], list[Digest]]:
-        """Untag images, then collect layers and blobs no image needs (like ``docker rmi``).
-
-        Refused for an image that is mounted, and (unless ``force``) for one a container was
-        created from; a forced removal keeps the layers the container stands on.
-        """
-        for name in names:
-            img = self.get_image(name)
-            m = self.meta.db.execute("SELECT target FROM mounts WHERE snapshot_key=?",
-                                     (str(img.top_chain_id),)).fetchone()
-            if m is not None:
-                raise InUse(f"image {name} is mounted at {m['target']}; unmount it first")
-            c = self.meta.db.execute("SELECT name FROM containers WHERE image=?", (name,)).fetchone()
-            if c is not None and not force:
-                raise InUse(f"image {name} is used by container {c['name']} (remove it, or use --force)")
-        with self.exclusive_lock():
-            with self.meta.transaction() as db:
-                for name in names:
-                    db.execute("DELETE FROM images WHERE name=?", (name,))
-            return self._collect()
-
-    def gc(self) -> tuple[list[Digest], list[Digest]]:
-        """Drop image layers and blobs no image needs. Returns (layers, blobs) removed."""
-        with self.exclusive_lock():
-            return self._collect()
-
-    def _needed_snapshot_ids(self, db: sqlite3.Connection) -> set[int]:
-        needed: set[int] = set()
-        starts = [r["id"] for r in db.execute(
-            "SELECT s.id FROM snapshots s JOIN images i ON i.top_chain_id = s.key")]
-        # Mounted image views keep their chains (rmi of a mounted image untags it only).
-        starts += [r["id"] for r in db.execute(
-            "SELECT s.id FROM snapshots s JOIN mounts m ON m.snapshot_key = s.key")]
-        # Every snapshot that is not an image layer (containers, snapshotter clients) is a root too.
-        starts += [r["id"] for r in db.execute(
-            "SELECT id FROM snapshots WHERE id NOT IN (SELECT snapshot_id FROM snapshot_labels WHERE k=?)",
-            (IMAGE_LAYER_LABEL,))]
-        for sid in starts:
-            cur: int | None = sid
-            while cur is not None and cur not in needed:
-                needed.add(cur)
-                row = db.execute("SELECT parent_id FROM snapshots WHERE id=?", (cur,)).fetchone()
-                cur = row["parent_id"] if row else None
-        return needed
-
-    def _collect(self) -> tuple[list[Digest], list[Digest]]:
-        self._check_not_mounted_hook()
-        removed_layers: list[Digest] = []
-        removed_blobs: list[Digest] = []
-        dirs: list[str] = []
-        with self.meta.transaction() as db:
-            needed = self._needed_snapshot_ids(db)
-            rows = db.execute("SELECT id, key FROM snapshots ORDER BY id DESC").fetchall()
-            for row in rows:  # children have larger ids than their parents: delete them first
-                if row["id"] in needed:
-                    continue
-                db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (row["id"],))
-                db.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
-                removed_layers.append(Digest(row["key"]))
-                dirs.append(self.snapshot_dir(row["id"]))
-            keep = self._container_blobs(db)
-            for row in db.execute(
-                "SELECT digest FROM blobs WHERE digest NOT IN (SELECT digest FROM image_blobs)"
-            ).fetchall():
-                if row["digest"] in keep:
-                    continue
-                db.execute("DELETE FROM blobs WHERE digest=?", (row["digest"],))
-                removed_blobs.append(Digest(row["digest"]))
-        # Delete files only after the transaction committed.
-        for d in dirs:
-            shutil.rmtree(d, ignore_errors=True)
-        for d in removed_blobs:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.content.path(d))
-        return removed_layers, removed_blobs
-
-    def _container_blobs(self, db: sqlite3.Connection) -> set[str]:
-        """Manifest, config and layer blobs of the images containers were created from:
-        ``commit`` needs them even after the image's name is gone."""
-        keep: set[str] = set()
-        for row in db.execute("SELECT manifest_digest, config_digest FROM containers"):
-            keep.update((row["manifest_digest"], row["config_digest"]))
-            try:
-                manifest = json.loads(self.content.read(Digest(row["manifest_digest"])))
-                keep.update(str(d.get("digest")) for d in manifest.get("layers") or [])
-            except (NotFound, ValueError, AttributeError):
-                pass
-        return keep
-
-    def _check_not_mounted_hook(self) -> None:
-        """Mounted chains are gc roots (see ``_needed_snapshot_ids``): nothing mounted is removed."""
-
-    # -- usage ---------------------------------------------------------------------------
-    def blob_usage(self) -> tuple[int, int]:
-        row = self.meta.db.execute("SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS s FROM blobs").fetchone()
-        return int(row["n"]), int(row["s"])
-
-    # -- fsck ----------------------------------------------------------------------------
-    def fsck(self, repair: bool = False, verify_blobs: bool = False) -> FsckReport:
-        """Check that the files agree with the database (see ``layerfs.fsck``)."""
-        from layerfs.store.fsck import fsck
-
-        return fsck(self, repair=repair, verify_blobs=verify_blobs)
-
 
 def disk_usage(path: str) -> tuple[int, int]:
     """Bytes (allocated blocks) and inodes below ``path``, hardlinks counted once — what a
@@ -570,11 +521,6 @@ def remove_path(path: str) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-
-
-def check_name_free(store: Store, name: str) -> None:
-    if store.find_image(name) is not None:
-        raise AlreadyExists(f"image {name} already exists")
 
 
 __all__ = ["Store", "Snapshot", "Image", "StagedLayer", "BlobRecord", "InUse", "default_root"]

@@ -12,13 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from layerfs.digest import Digest
-from layerfs.store.core import remove_path
-
-if TYPE_CHECKING:
-    from layerfs.store.core import Store
+from layerfs.store.core import Store, remove_path
 
 
 @dataclass

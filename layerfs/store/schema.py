@@ -22,7 +22,8 @@ Owns the schema of ``meta.db`` (WAL mode). Tables:
   snapshot or an image's top ChainID; a record from another boot is stale.
 
 All writes go through ``Metadata.transaction()`` (``BEGIN IMMEDIATE``), so several processes
-may use one store: SQLite serialises writers and the WAL lets readers go on.
+may use one store: SQLite serialises writers and the WAL lets readers go on. Reads that must
+see one state (the snapshotter's Stat, List, Mounts) run in ``Metadata.read_transaction()``.
 """
 
 from __future__ import annotations
@@ -135,6 +136,16 @@ class Metadata:
             self.db.execute("ROLLBACK")
             raise
         else:
+            self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def read_transaction(self) -> Iterator[None]:
+        """One read transaction (``BEGIN``, deferred): every query inside sees the same
+        state of the database. Ends with ``COMMIT`` however the block ends (nothing to undo)."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
             self.db.execute("COMMIT")
 
     def get_meta(self, k: str) -> str | None:

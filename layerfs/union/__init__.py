@@ -2,9 +2,11 @@
 
 - ``whiteout``: every overlay on-disk convention (whiteouts, opaque directories, redirects,
   origins, the private xattr prefixes), defined once;
-- ``dirindex``: the one overlayfs lookup walk, fd-based and cached;
-- ``view``: a read-only union of layer directories (``LayerStack``) for the store's readers
-  (changes, bundles, tree diffs);
+- ``dirindex``: the one overlayfs lookup walk, fd-based and cached (the FUSE model uses it
+  below its upper layer, ``view`` for everything);
+- ``view``: a read-only union of layer directories (``LayerStack``: path strings over
+  ``dirindex``) for the store's readers (layer changes and tars, tree diffs, bundles, the
+  extraction of a layer over its lowers);
 - ``api``: the contract between the union filesystem model and a FUSE transport;
 - ``fs``, ``core``, ``namespace``, ``upper``, ``copyup``, ``inodes``, ``xattrs``: the
   writable union filesystem model behind ``api``.

@@ -15,7 +15,7 @@ the same layers), and so what this module writes:
 - symlinks keep their target, owner, xattrs and times; devices, fifos and sockets their
   type and rdev; directories their mode, owner, xattrs and times, never their content;
 - unlike the kernel, copy-up does not fsync: the data reaches the disk with the next
-  sync, as with fuse-overlayfs (PERF-NOTES: the fsync dominates small copy-ups).
+  sync, as with fuse-overlayfs (the fsync dominates small copy-ups).
 """
 
 from __future__ import annotations

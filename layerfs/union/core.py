@@ -24,25 +24,21 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from layerfs.linux.files import RENAME_NOREPLACE, proc_path, renameat2
+from layerfs.linux.files import DIR_FLAGS, RENAME_NOREPLACE, proc_path, renameat2
 from layerfs.union import copyup, whiteout, xattrs
 from layerfs.union.api import ROOT_INODE, Attr
-from layerfs.union.dirindex import (
-    DIR_FLAGS,
+from layerfs.union.dirindex import FdCache, LowerDir, LowerHit, LowerIndex, open_dir_chain, scan
+from layerfs.union.inodes import InodeTable, Node, origin_name, read_origin
+from layerfs.union.upper import Upper
+from layerfs.union.whiteout import (
     OPAQUE_NAMES,
     OPQ,
     REDIRECT_NAMES,
+    TRUSTED_PREFIX,
+    USER_PREFIX,
     WH,
-    FdCache,
-    LowerDir,
-    LowerHit,
-    LowerIndex,
-    open_dir_chain,
-    scan,
+    LayerFormat,
 )
-from layerfs.union.inodes import InodeTable, Node, origin_name, read_origin
-from layerfs.union.upper import Upper
-from layerfs.union.whiteout import LayerFormat
 
 NAME_MAX = 255
 # copy-ups of more data than this release the lock while the data moves
@@ -99,7 +95,7 @@ class UnionCore:
         primary = os.fstat(self._upper.root_fd) if self._upper else self._lowers.roots[0].st
         self._lower_dev = self._lowers.roots[0].st.st_dev if self._lowers.roots else primary.st_dev
         self._origin_xattr = origin_name(self._upper.prefix) if self._upper else ""
-        self._xnames = xattrs.Names("user.overlay." if self.fmt.userxattr else "trusted.overlay.")
+        self._xnames = xattrs.Names(USER_PREFIX if self.fmt.userxattr else TRUSTED_PREFIX)
         self._table = InodeTable(primary.st_dev, self._forget_node)
         root = Node(stat.S_IFDIR, None, b"")
         root.number = ROOT_INODE

@@ -23,11 +23,12 @@ Inode numbers (``st_ino`` = the FUSE inode number):
   one from ``2**63`` up, which is stable only for the life of the mount (and, once the file
   is copied up, recorded in its origin record like any other number).
 
-On-disk format owned here: the origin record ``trusted.overlay.layerfs.origin`` (or
-``user.overlay.layerfs.origin`` with user xattrs) on a copied-up non-directory, its value
-the decimal inode number, ASCII. It is overlay-private: hidden, never copied, never
-exported. The kernel's own ``trusted.overlay.origin`` (a ``struct ovl_fb`` file handle) is
-read too, so files the kernel copied up keep the inode number the kernel shows.
+Written and read here: the origin record ``trusted.overlay.layerfs.origin`` (or
+``user.overlay.layerfs.origin`` with user xattrs; ``whiteout.ORIGIN_NAMES``) on a copied-up
+non-directory, its value the decimal inode number, ASCII. It is overlay-private: hidden,
+never copied, never exported. The kernel's own ``trusted.overlay.origin``
+(``whiteout.KERNEL_ORIGIN``, a ``struct ovl_fb`` file handle) is read too, so files the
+kernel copied up keep the inode number the kernel shows.
 """
 
 from __future__ import annotations
@@ -40,11 +41,9 @@ from typing import Literal
 
 from layerfs.union.api import ROOT_INODE
 from layerfs.union.dirindex import LowerDir, LowerHit
+from layerfs.union.whiteout import KERNEL_ORIGIN, ORIGIN_NAMES, ORIGIN_SUFFIX
 from layerfs.union.xattrs import MISSING
 
-ORIGIN_SUFFIX = "layerfs.origin"
-ORIGIN_NAMES = ("trusted.overlay." + ORIGIN_SUFFIX, "user.overlay." + ORIGIN_SUFFIX)
-KERNEL_ORIGIN = ("trusted.overlay.origin", "user.overlay.origin")
 FRESH_BASE = 1 << 63
 DEV_SHIFT = 48
 

@@ -23,12 +23,11 @@ import errno
 import os
 import stat
 
-from layerfs.linux.files import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from layerfs.linux.files import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2, rmtree_at
 from layerfs.union.api import Attr, Ctx
 from layerfs.union.core import UnionCore, oserror
-from layerfs.union.dirindex import REDIRECT_NAMES
 from layerfs.union.inodes import Node
-from layerfs.union.upper import DEVICE_WHITEOUT, FILE_WHITEOUT, NO_WHITEOUT, rmtree_at
+from layerfs.union.whiteout import DEVICE_WHITEOUT, FILE_WHITEOUT, NO_WHITEOUT, REDIRECT_NAMES
 
 PATH_MAX = 4096
 

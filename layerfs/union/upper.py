@@ -1,6 +1,7 @@
 """Writes into the upper layer, in the on-disk form kernel overlayfs writes.
 
-On-disk format owned here (``redirect_dir=on,index=off``; checked against kernel 6.18):
+How the upper is written (``redirect_dir=on,index=off``; checked against kernel 6.18), in
+the conventions named by ``layerfs.union.whiteout``:
 
 - ``WORK/work/``: the kernel's own scratch directory (mode 000). Entries are prepared there
   under ``#<hex>`` names and renamed into place; at start it is emptied, as the kernel does
@@ -28,17 +29,19 @@ import itertools
 import os
 import stat
 
-from layerfs.linux.files import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, proc_path, renameat2
+from layerfs.linux.files import (
+    DIR_FLAGS,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    proc_path,
+    renameat2,
+    rmtree_at,
+)
 from layerfs.union import whiteout
-from layerfs.union.dirindex import DIR_FLAGS, WH
-from layerfs.union.whiteout import LayerFormat
+from layerfs.union.whiteout import DEVICE_WHITEOUT, FILE_WHITEOUT, NO_WHITEOUT, WH, LayerFormat
 
 WORK_SUBDIR = "work"
-
-# what is at a name in an upper directory, when no visible entry is
-NO_WHITEOUT = 0
-DEVICE_WHITEOUT = 1
-FILE_WHITEOUT = 2
 
 
 class Upper:
@@ -84,7 +87,8 @@ class Upper:
     # --- what is there ------------------------------------------------------------------
 
     def whiteout_at(self, dir_fd: int, name: bytes, look_for_files: bool) -> int:
-        """Which whiteout (if any) an upper directory holds for ``name``."""
+        """Which whiteout (if any) an upper directory holds for ``name``: ``NO_WHITEOUT``,
+        ``DEVICE_WHITEOUT`` or ``FILE_WHITEOUT`` (``layerfs.union.whiteout``)."""
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if whiteout.is_whiteout_stat(st):
@@ -196,39 +200,3 @@ class Upper:
     def set_redirect(self, dir_fd: int, value: bytes) -> None:
         os.setxattr(dir_fd, self.redirect_xattr, value)
 
-
-def rmtree_at(dir_fd: int, name: bytes) -> None:
-    """``rm -rf`` of ``name`` in ``dir_fd``: no symlink followed, no recursion (any depth)."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    # the open directories from ``name`` down to the one being emptied: (fd, name in parent)
-    stack: list[tuple[int, bytes]] = [(os.open(name, DIR_FLAGS, dir_fd=dir_fd), name)]
-    try:
-        while stack:
-            fd, _ = stack[-1]
-            subdir = None
-            for entry in os.listdir(fd):
-                child = os.fsencode(entry)
-                if stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode):
-                    subdir = child
-                    break
-                os.unlink(child, dir_fd=fd)
-            if subdir is not None:
-                stack.append((os.open(subdir, DIR_FLAGS, dir_fd=fd), subdir))
-                continue
-            fd, dname = stack.pop()
-            os.close(fd)
-            os.rmdir(dname, dir_fd=stack[-1][0] if stack else dir_fd)
-    finally:
-        for fd, _ in stack:
-            os.close(fd)
-
-
-def is_marker(name: bytes) -> bool:
-    """``.wh.*`` names are whiteout/opaque markers, never entries of the union."""
-    return name.startswith(WH)

@@ -1,33 +1,59 @@
-"""Read-only union of layer directories, with kernel overlayfs' lookup rules.
+"""A read-only union of layer directories (``LayerStack``): the lookup walk of
+``layerfs.union.dirindex``, seen through path strings.
 
-Plain Python over layer directories in the on-disk format of ``layerfs.union.whiteout``; no
-pyfuse3, no store. ``layers`` are given top first (like overlayfs' ``lowerdir=``).
+For the store's readers: the changes of a layer against its lowers, the layer tar of an
+upper with redirected directories, tree diffs, bundles, and the extraction of a layer over
+its lowers. ``layers`` are given top first (like overlayfs' ``lowerdir=``), each a directory
+in the on-disk format of ``layerfs.union.whiteout`` (a layer whose root is not a directory
+contributes nothing). The rules are kernel overlayfs' (Documentation/filesystems/
+overlayfs.rst, fs/overlayfs/namei.c) and are implemented once, in ``dirindex``:
 
-Rules (Documentation/filesystems/overlayfs.rst, fs/overlayfs/namei.c):
 - a name is looked up from the top layer down; the first layer that has it decides;
-- a whiteout (0/0 char device, or a ``.wh.<name>`` file) hides the name in all lower layers;
+- a whiteout (0/0 char device, a ``.wh.<name>`` file, an xwhiteout) hides the name in all
+  lower layers;
 - a directory merges with same-named directories below it until one is opaque or a lower
-  layer has a non-directory (or a whiteout) of that name;
+  layer has a non-directory (or a whiteout) of that name; layer roots are never opaque;
 - a directory with a ``redirect`` xattr (written by overlayfs' ``redirect_dir=on`` when a
   merged directory is renamed) continues the lookup in the lower layers at the path it names:
   relative (a sibling name in the same parent) or absolute (from the layer roots);
 - a non-directory hides everything below it.
 
-Each layer is only entered through components verified to be real directories of that
-layer, so no symlink inside a layer is ever followed.
+Each layer is only entered through directory fds opened one component at a time with
+``O_NOFOLLOW``, so no symlink inside a layer is ever followed.
+
+What this module adds to ``dirindex``: str paths, ``Entry`` records (where a visible entry
+comes from, and its ``lstat``), a walk in path order, and the life of what is read:
+
+- **fds**: a view holds its layer roots and an LRU of at most ``FD_CACHE`` directory fds (a
+  directory out of it is reopened from its nearest open ancestor). They are opened at the
+  first query and closed by ``close()``, at the end of a ``with`` block, or when the view is
+  garbage collected.
+- **caching**: a view reads each directory once and keeps what it read, as if its layers did
+  not change: after changing a layer, make a new view. Except with ``top_changes=True``, for
+  a top layer written while the view is consulted (``layerfs.layer.apply`` checks the layer
+  it extracts into against its lowers): what was read from the top layer is dropped each
+  time a query starts from the root again (``root``, ``lookup``, ``lookup_parents``,
+  ``walk()``); the lower layers stay cached. ``child``, ``listdir`` and ``walk(entry)``
+  continue the reading that produced their entry.
+- **memory**: ``walk`` forgets a directory once it has yielded everything below it, so a
+  walk of a big tree holds the directories on its current path, not the tree.
+
+A view is for one thread at a time.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from layerfs.union import whiteout
+from layerfs.union.dirindex import FdCache, LowerDir, LowerHit, LowerIndex
 
-REDIRECT_XATTRS = (whiteout.TRUSTED_PREFIX + "redirect", whiteout.USER_PREFIX + "redirect")
+FD_CACHE = 64  # directory fds a view keeps open besides its layer roots
 
 
 @dataclass(frozen=True)
@@ -41,6 +67,8 @@ class Entry:
     # for directories: (layer index, path inside that layer) of every layer that
     # contributes children, top first
     dir_layers: tuple[tuple[int, str], ...] = field(default=())
+    # for directories: those layers' real directories, as ``dirindex`` knows them
+    chain: tuple[LowerDir, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def is_dir(self) -> bool:
@@ -58,107 +86,93 @@ def _join(a: str, b: str) -> str:
     return f"{a}/{b}" if a else b
 
 
-def redirect_of(path: str) -> str | None:
-    """The overlayfs redirect xattr of a directory, or None."""
-    for name in REDIRECT_XATTRS:
-        try:
-            return os.getxattr(path, name, follow_symlinks=False).decode("utf-8", "surrogateescape")
-        except OSError as e:
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                raise
-    return None
+def _lpath(d: LowerDir) -> str:
+    """The path of the real directory ``d`` inside its layer ('' for the root)."""
+    names: list[bytes] = []
+    cur: LowerDir | None = d
+    while cur is not None and cur.parent is not None:
+        names.append(cur.name)
+        cur = cur.parent
+    return os.fsdecode(b"/".join(reversed(names)))
+
+
+def _close(index: LowerIndex, fds: FdCache) -> None:
+    index.close()
+    fds.close_all()
 
 
 class LayerStack:
-    """A read-only union view of ``layers`` (top first)."""
+    """A read-only union view of ``layers`` (top first). ``top_changes``: the top layer is
+    being written while the view is used (see the module docstring)."""
 
-    def __init__(self, layers: Sequence[str | os.PathLike[str]]) -> None:
+    def __init__(self, layers: Sequence[str | os.PathLike[str]], *, top_changes: bool = False) -> None:
         self.layers = [os.fspath(p) for p in layers]
+        self.top_changes = top_changes
+        self._index: LowerIndex | None = None
+        self._layer_of: list[int] = []  # dirindex's layer number -> index into self.layers
+        self._finalizer: weakref.finalize[[LowerIndex, FdCache], LayerStack] | None = None
+
+    # --- resources ----------------------------------------------------------------------
+
+    def _open(self) -> LowerIndex:
+        if self._index is None:
+            dirs = [i for i, path in enumerate(self.layers) if stat.S_ISDIR(os.lstat(path).st_mode)]
+            fds = FdCache(FD_CACHE)
+            index = LowerIndex([self.layers[i] for i in dirs], fds)
+            self._index, self._layer_of = index, dirs
+            self._finalizer = weakref.finalize(self, _close, index, fds)
+        return self._index
+
+    def close(self) -> None:
+        """Close the view's fds. Entries it returned are no use to it afterwards."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._index, self._finalizer = None, None
+
+    def __enter__(self) -> LayerStack:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- entries ------------------------------------------------------------------------
 
     def real_path(self, entry: Entry) -> str:
         """The file in its layer that provides ``entry``."""
         base = self.layers[entry.layer]
         return os.path.join(base, entry.lpath) if entry.lpath else base
 
-    def root(self) -> Entry | None:
-        contributing: list[tuple[int, str]] = []
-        for i, layer in enumerate(self.layers):
-            st = os.lstat(layer)
-            if not stat.S_ISDIR(st.st_mode):
-                continue
-            # An opaque marker on a layer root is ignored, as kernel overlayfs ignores it.
-            contributing.append((i, ""))
-        if not contributing:
-            return None
-        top = contributing[0][0]
-        return Entry("", top, "", os.lstat(self.layers[top]), tuple(contributing))
+    def _dir_layers(self, chain: tuple[LowerDir, ...]) -> tuple[tuple[int, str], ...]:
+        return tuple((self._layer_of[d.layer], _lpath(d)) for d in chain)
 
-    def _safe_lstat(self, layer: int, rel: str, verify_parents: bool) -> os.stat_result | None:
-        """lstat ``rel`` in a layer. With ``verify_parents`` (an absolute redirect target, not
-        reached through verified directories) every parent component must be a real directory."""
-        base = self.layers[layer]
-        parts = rel.split("/")
-        if verify_parents and len(parts) > 1:
-            cur = base
-            for comp in parts[:-1]:
-                cur = os.path.join(cur, comp)
-                try:
-                    if not stat.S_ISDIR(os.lstat(cur).st_mode):
-                        return None
-                except (FileNotFoundError, NotADirectoryError):
-                    return None
-        try:
-            return os.lstat(os.path.join(base, rel))
-        except (FileNotFoundError, NotADirectoryError):
+    def _entry(self, index: LowerIndex, path: str, hit: LowerHit, parent_lpath: str | None = None) -> Entry:
+        """The entry for what ``dirindex`` found; ``parent_lpath``: ``_lpath(hit.dir)`` if known."""
+        if hit.kind == stat.S_IFDIR:
+            top = hit.chain[0]
+            return Entry(path, self._layer_of[top.layer], _lpath(top), top.st, self._dir_layers(hit.chain), hit.chain)
+        lparent = _lpath(hit.dir) if parent_lpath is None else parent_lpath
+        return Entry(path, self._layer_of[hit.dir.layer], _join(lparent, os.fsdecode(hit.name)),
+                     index.stat(hit.dir, hit.name))
+
+    def root(self) -> Entry | None:
+        """The union's root (None when no layer is a directory). Every layer merges into it:
+        an opaque marker on a layer root is ignored, as kernel overlayfs ignores it."""
+        index = self._open()
+        if self.top_changes:
+            index.refresh_top()
+        if not index.roots:
             return None
+        chain = index.root_chain
+        return Entry("", self._layer_of[0], "", chain[0].st, self._dir_layers(chain), chain)
 
     def child(self, parent: Entry, name: str) -> Entry | None:
         """One lookup step below an already resolved directory entry."""
-        relpath = _join(parent.path, name)
-        found: Entry | None = None
-        contributing: list[tuple[int, str]] = []
-        candidates = list(parent.dir_layers)
-        k = 0
-        want: str | None = None  # name to look up in the lower parents after a relative redirect
-        absolute: str | None = None  # layer-root-relative path after an absolute redirect
-        while k < len(candidates):
-            i, ppath = candidates[k]
-            k += 1
-            rel = absolute if absolute is not None else _join(ppath, want or name)
-            full = os.path.join(self.layers[i], rel)
-            head, tail = os.path.split(full)
-            # a file-style whiteout in this layer hides the name here and below
-            if os.path.lexists(os.path.join(head, whiteout.WHITEOUT_PREFIX + tail)):
-                break
-            st = self._safe_lstat(i, rel, verify_parents=absolute is not None)
-            if st is None:
-                continue
-            if whiteout.is_whiteout_stat(st):
-                break
-            is_dir = stat.S_ISDIR(st.st_mode)
-            if found is None:
-                found = Entry(relpath, i, rel, st)
-                if not is_dir:
-                    return found
-            elif not is_dir:
-                break  # a lower non-directory under a directory: merge stops here
-            contributing.append((i, rel))
-            if whiteout.is_opaque(full):
-                break
-            redirect = redirect_of(full)
-            if redirect is not None:
-                if redirect.startswith("/"):
-                    absolute = redirect.strip("/")
-                    root = self.root()
-                    candidates = [(j, "") for j, _ in (root.dir_layers if root else ()) if j > i]
-                    k = 0
-                elif absolute is not None:
-                    absolute = _join(os.path.dirname(absolute), redirect)
-                else:
-                    want = redirect
-        if found is None:
+        if whiteout.is_marker_name(name):
             return None
-        return Entry(relpath, found.layer, found.lpath, found.st, tuple(contributing))
+        index = self._open()
+        hit = index.lookup(parent.chain, os.fsencode(name))
+        return None if hit is None else self._entry(index, _join(parent.path, name), hit)
 
     def lookup(self, relpath: str) -> Entry | None:
         """The visible entry at ``relpath``, or None. A symlink on the way is not followed:
@@ -166,8 +180,6 @@ class LayerStack:
         cur = self.root()
         for name in split_path(relpath):
             if cur is None or not cur.is_dir:
-                return None
-            if whiteout.is_marker_name(name):
                 return None
             cur = self.child(cur, name)
         return cur
@@ -186,17 +198,20 @@ class LayerStack:
 
     def listdir(self, entry: Entry) -> dict[str, Entry]:
         """Merged children of a directory entry, name -> Entry (unsorted)."""
-        names: set[str] = set()
-        for i, lpath in entry.dir_layers:
-            base = os.path.join(self.layers[i], lpath) if lpath else self.layers[i]
-            for name in os.listdir(base):
-                if not whiteout.is_marker_name(name):
-                    names.add(name)
-        out = {}
-        for name in names:
-            child = self.child(entry, name)
-            if child is not None:
-                out[name] = child
+        if not entry.chain:
+            return {}
+        index = self._open()
+        lpaths: dict[LowerDir, str] = {}  # the children of one directory share a few parents
+        out: dict[str, Entry] = {}
+        for bname, _ in index.visible(index.merged(entry.chain)):
+            hit = index.lookup(entry.chain, bname)
+            if hit is None:
+                continue
+            lparent = lpaths.get(hit.dir)
+            if lparent is None:
+                lparent = lpaths[hit.dir] = _lpath(hit.dir)
+            name = os.fsdecode(bname)
+            out[name] = self._entry(index, _join(entry.path, name), hit, lparent)
         return out
 
     def walk(self, entry: Entry | None = None) -> Iterator[Entry]:
@@ -205,9 +220,20 @@ class LayerStack:
         start = entry if entry is not None else self.root()
         if start is None:
             return
-        children = self.listdir(start)
-        for name in sorted(children):
-            child = children[name]
+        index = self._open()
+        # the directories being walked, outermost first: (entry, its children not yet done)
+        todo: list[tuple[Entry, Iterator[Entry]]] = [(start, self._sorted_children(start))]
+        while todo:
+            parent, children = todo[-1]
+            child = next(children, None)
+            if child is None:
+                todo.pop()
+                index.forget(parent.chain)  # done below it: drop what was read for it
+                continue
             yield child
             if child.is_dir:
-                yield from self.walk(child)
+                todo.append((child, self._sorted_children(child)))
+
+    def _sorted_children(self, entry: Entry) -> Iterator[Entry]:
+        children = self.listdir(entry)
+        return iter([children[name] for name in sorted(children)])

@@ -1,24 +1,52 @@
-"""On-disk conventions for deletions and opaque directories. This module owns them all.
+"""Every overlay on-disk convention layerfs reads or writes, defined once.
 
-Conventions layerfs writes into a layer directory (overlayfs on-disk format):
+A layer directory is in kernel overlayfs' on-disk format (Documentation/filesystems/
+overlayfs.rst, fs/overlayfs/); an image layer is an OCI layer tar (image-spec ``layer.md``).
+Every name either format gives a meaning to is defined here, and every module that reads or
+writes one imports it from here.
 
-- **whiteout**: a character device with device number 0/0 named like the deleted entry.
-- **opaque directory**: the xattr ``trusted.overlay.opaque`` = ``y`` on the directory
-  (``user.overlay.opaque`` when the store runs with overlayfs' ``userxattr`` option, as an
-  unprivileged user namespace mount must).
+Entries of a layer directory. Every form is read, whatever a store writes:
 
-Where device nodes cannot be created (an unprivileged store), whiteouts are written as
-empty regular files ``.wh.<name>`` and opaque directories additionally get an empty
-``.wh..wh..opq`` file; the FUSE backend reads these as fuse-overlayfs does.
+- ``NAME`` as a 0/0 character device: a **whiteout**, NAME is deleted from the layers below;
+- ``.wh.NAME`` (``WHITEOUT_PREFIX``) as a regular file: a whiteout too (fuse-overlayfs' form,
+  for stores that cannot make device nodes); it hides NAME in its own layer as well;
+- ``.wh..wh..opq`` (``OPAQUE_MARKER``), of any type: the directory holding it is **opaque**;
+- any ``.wh.*`` name is a marker (``is_marker``), never an entry of the union.
 
-Conventions layerfs reads from an OCI layer tar (image-spec ``layer.md``):
+Overlay-private xattrs live under ``trusted.overlay.`` or, with overlayfs' ``userxattr``
+option (an unprivileged user namespace mount), ``user.overlay.`` (``PRIVATE_PREFIXES``). The
+names read under either prefix, whatever a store writes:
 
-- ``.wh.<name>``: ``<name>`` is deleted in this layer;
-- ``.wh..wh..opq``: the directory holding it is opaque (lower layers' children hidden);
+- ``opaque`` (``OPAQUE_NAMES``) on a directory: ``y`` = opaque, the lower layers' children are
+  hidden; ``x`` = not opaque, but it may hold xwhiteouts (kernel >= 6.7);
+- ``whiteout`` (``XWHITEOUT_NAMES``) on an empty regular file in an ``x`` directory: an
+  **xwhiteout**, a whiteout needing no device node;
+- ``redirect`` (``REDIRECT_NAMES``, ``redirect_of``) on a directory: where the lower layers
+  know it (``redirect_dir=on`` writes it when a merged directory is renamed): a sibling name
+  (relative) or ``/a/b`` from the layer roots (absolute);
+- ``origin`` (``KERNEL_ORIGIN``): the kernel's copy-up record, a file handle of the lower file;
+- ``layerfs.origin`` (``ORIGIN_NAMES``): the FUSE backend's copy-up record, the lower file's
+  inode number in decimal ASCII;
+- the rest of ``STATE_NAMES``: more kernel state, like the above never shown through a union;
+- ``overlay.NAME`` (``ESCAPE``): a user's own xattr ``<prefix>NAME``, stored escaped (kernel
+  >= 6.7 xattr escaping; ``layerfs.union.xattrs`` translates).
+
+Overlay-private xattrs are state of the overlay: they never enter the store from an image
+and never leave it in an export (``is_overlay_private_xattr``).
+
+Layer roots are never opaque, whatever they carry: the kernel never looks them up.
+
+What a store writes (``LayerFormat``): as root, device whiteouts and ``trusted.overlay.``
+xattrs (``PRIVILEGED``); ``user.overlay.`` xattrs for a ``userxattr`` mount (``USERXATTR``);
+without device nodes, ``.wh.NAME`` files, ``user.overlay.`` xattrs and an ``.wh..wh..opq`` file
+in every opaque directory as well (``UNPRIVILEGED_FILES``). Which whiteout an upper directory
+holds for a name: ``NO_WHITEOUT``, ``DEVICE_WHITEOUT``, ``FILE_WHITEOUT``.
+
+Names of an OCI layer tar (``classify_tar_name``):
+
+- ``.wh.NAME``: NAME is deleted in this layer;
+- ``.wh..wh..opq``: the directory holding it is opaque;
 - any other name starting with ``.wh.`` is invalid (``.wh..`` and a bare ``.wh.`` too).
-
-Overlay-private xattrs (``trusted.overlay.*``, ``user.overlay.*``) are state of the
-kernel's overlay: they never enter the store from an image and never leave it in an export.
 """
 
 from __future__ import annotations
@@ -29,18 +57,46 @@ import stat
 from dataclasses import dataclass
 
 from layerfs.errors import UnsafeArchive
+from layerfs.linux.files import rmtree_at
+
+# --- entries of a layer directory (str for paths, bytes for the fd-based readers) --------
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
+WH = WHITEOUT_PREFIX.encode()
+OPQ = OPAQUE_MARKER.encode()
+
+# which whiteout an upper directory holds at a name (``layerfs.union.upper.Upper.whiteout_at``)
+NO_WHITEOUT = 0
+DEVICE_WHITEOUT = 1
+FILE_WHITEOUT = 2
+
+# --- overlay-private xattrs -------------------------------------------------------------------
+
 TRUSTED_PREFIX = "trusted.overlay."
 USER_PREFIX = "user.overlay."
+PRIVATE_PREFIXES = (TRUSTED_PREFIX, USER_PREFIX)
+OPAQUE_NAMES = (TRUSTED_PREFIX + "opaque", USER_PREFIX + "opaque")
+REDIRECT_NAMES = (TRUSTED_PREFIX + "redirect", USER_PREFIX + "redirect")
+XWHITEOUT_NAMES = (TRUSTED_PREFIX + "whiteout", USER_PREFIX + "whiteout")
+KERNEL_ORIGIN = (TRUSTED_PREFIX + "origin", USER_PREFIX + "origin")
+ORIGIN_SUFFIX = "layerfs.origin"
+ORIGIN_NAMES = (TRUSTED_PREFIX + ORIGIN_SUFFIX, USER_PREFIX + ORIGIN_SUFFIX)
+# what the kernel (6.18) and the FUSE backend keep under a private prefix
+STATE_NAMES = frozenset({"opaque", "redirect", "origin", "impure", "nlink", "upper", "metacopy", "whiteout",
+                         "whiteouts", "uuid", "verity", "protattr", ORIGIN_SUFFIX})
+ESCAPE = "overlay."  # <prefix>overlay.NAME stores a user's own <prefix>NAME
+
+# errnos of an xattr read that mean "not there / not readable here", not a failure (the
+# same as ``layerfs.union.xattrs.MISSING``; that module imports this one, not the reverse)
+_NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
 
 
 @dataclass(frozen=True)
 class LayerFormat:
     """How one store writes whiteouts and opaque markers into its layer directories."""
 
-    opaque_xattr: str = TRUSTED_PREFIX + "opaque"
+    opaque_xattr: str = OPAQUE_NAMES[0]
     device_whiteouts: bool = True
 
     @property
@@ -49,8 +105,8 @@ class LayerFormat:
 
 
 PRIVILEGED = LayerFormat()
-USERXATTR = LayerFormat(opaque_xattr=USER_PREFIX + "opaque")
-UNPRIVILEGED_FILES = LayerFormat(opaque_xattr=USER_PREFIX + "opaque", device_whiteouts=False)
+USERXATTR = LayerFormat(opaque_xattr=OPAQUE_NAMES[1])
+UNPRIVILEGED_FILES = LayerFormat(opaque_xattr=OPAQUE_NAMES[1], device_whiteouts=False)
 
 
 def default_format() -> LayerFormat:
@@ -59,7 +115,7 @@ def default_format() -> LayerFormat:
 
 
 def is_overlay_private_xattr(name: str) -> bool:
-    return name.startswith(TRUSTED_PREFIX) or name.startswith(USER_PREFIX)
+    return name.startswith(PRIVATE_PREFIXES)
 
 
 def is_whiteout_stat(st: os.stat_result) -> bool:
@@ -88,11 +144,11 @@ def classify_tar_name(basename: str) -> tuple[str, str | None]:
 
 def make_whiteout(dir_fd: int, name: str, fmt: LayerFormat) -> None:
     """Mark ``name`` (inside the directory ``dir_fd``) deleted. Replaces whatever is there."""
-    _remove_entry(dir_fd, name)
+    rmtree_at(dir_fd, name)
     if fmt.device_whiteouts:
         os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
     else:
-        _remove_entry(dir_fd, WHITEOUT_PREFIX + name)
+        rmtree_at(dir_fd, WHITEOUT_PREFIX + name)
         fd = os.open(WHITEOUT_PREFIX + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o000, dir_fd=dir_fd)
         os.close(fd)
 
@@ -107,7 +163,7 @@ def set_opaque(dir_fd: int, fmt: LayerFormat) -> None:
 
 def is_opaque(path_or_fd: str | int) -> bool:
     """Whether a directory carries any of the opaque markers layerfs writes or reads."""
-    for name in (TRUSTED_PREFIX + "opaque", USER_PREFIX + "opaque"):
+    for name in OPAQUE_NAMES:
         try:
             # an fd names the inode itself; a path must not follow a final symlink
             value = (os.getxattr(path_or_fd, name) if isinstance(path_or_fd, int)
@@ -115,7 +171,7 @@ def is_opaque(path_or_fd: str | int) -> bool:
             if value == b"y":
                 return True
         except OSError as e:
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            if e.errno not in _NO_XATTR:
                 raise
     if isinstance(path_or_fd, int):
         try:
@@ -124,6 +180,17 @@ def is_opaque(path_or_fd: str | int) -> bool:
         except FileNotFoundError:
             return False
     return os.path.lexists(os.path.join(path_or_fd, OPAQUE_MARKER))
+
+
+def redirect_of(path: str) -> str | None:
+    """The overlayfs redirect xattr of a directory (not following a final symlink), or None."""
+    for name in REDIRECT_NAMES:
+        try:
+            return os.getxattr(path, name, follow_symlinks=False).decode("utf-8", "surrogateescape")
+        except OSError as e:
+            if e.errno not in _NO_XATTR:
+                raise
+    return None
 
 
 def whiteout_target(name: str, st: os.stat_result) -> str | None:
@@ -137,32 +204,11 @@ def whiteout_target(name: str, st: os.stat_result) -> str | None:
     return None
 
 
+def is_marker(name: bytes) -> bool:
+    """``.wh.*`` names are whiteout/opaque markers, metadata, never entries of the tree."""
+    return name.startswith(WH)
+
+
 def is_marker_name(name: str) -> bool:
-    """File-style markers that are metadata, not entries of the tree."""
+    """``is_marker`` of a str name."""
     return name.startswith(WHITEOUT_PREFIX)
-
-
-def _remove_entry(dir_fd: int, name: str) -> None:
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        remove_tree_at(dir_fd, name)
-    else:
-        os.unlink(name, dir_fd=dir_fd)
-
-
-def remove_tree_at(dir_fd: int, name: str) -> None:
-    """rm -rf ``name`` inside ``dir_fd`` without following symlinks."""
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-    try:
-        for child in os.listdir(fd):
-            st = os.stat(child, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                remove_tree_at(fd, child)
-            else:
-                os.unlink(child, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)

@@ -1,7 +1,8 @@
 """Extended attribute names: which are overlay state, and how user names are stored.
 
-On-disk format owned here (kernel overlayfs >= 6.7 "xattr escaping", which lets an overlay
-hold files of a nested overlay), for a mount whose own prefix is ``trusted.overlay.`` (or
+The rules owned here (kernel overlayfs >= 6.7 "xattr escaping", which lets an overlay hold
+files of a nested overlay; the names, ``PRIVATE_PREFIXES``, ``ESCAPE`` and ``STATE_NAMES``,
+are ``layerfs.union.whiteout``'s), for a mount whose own prefix is ``trusted.overlay.`` (or
 ``user.overlay.`` with user xattrs, ``LayerFormat.userxattr``):
 
 - ``<own>NAME`` on a layer file is overlay state (opaque, redirect, origin, whiteout, our
@@ -20,11 +21,7 @@ from __future__ import annotations
 import errno
 import os
 
-PRIVATE_PREFIXES = ("trusted.overlay.", "user.overlay.")
-ESCAPE = "overlay."
-# what the kernel (6.18) and this model keep under a private prefix
-STATE_NAMES = frozenset({"opaque", "redirect", "origin", "impure", "nlink", "upper", "metacopy", "whiteout",
-                         "whiteouts", "uuid", "verity", "protattr", "layerfs.origin"})
+from layerfs.union.whiteout import ESCAPE, PRIVATE_PREFIXES, STATE_NAMES
 
 # errnos that mean "no such attribute / attributes not available here", not a failure
 MISSING = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)

@@ -17,6 +17,6 @@ equal. Modules:
 Run: ``.venv/bin/python -m pytest tests/conformance -q`` (root; ``-k "CASE and fuse"`` for
 one case; ``LAYERFS_CONFORMANCE_KEEP=1`` keeps the layers, uppers and daemon logs).
 
-A package (not loose modules) so that this directory's ``conftest`` does not shadow the
-top-level ``tests/conftest.py`` that other test modules import by name.
+A package (``tests.conformance``) like the rest of the suite: its modules import each other
+relatively.
 """

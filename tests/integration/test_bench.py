@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
 
 from bench.measure import Meter, Metric
 from bench.runner import WorkloadResult
 from bench.targets import MET, NOT_MET, SKIPPED, evaluate
+from tests.support.markers import needs_root
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 WORKLOADS = ("read", "metadata", "copyup", "depth", "writes", "store")
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import imagebuild as ib
-from tests.conftest import needs_root, needs_umoci
-from tests.tarbuild import tree_fingerprint
+from tests.support import imagebuild as ib
+from tests.support.markers import needs_root, needs_umoci
+from tests.support.tarbuild import tree_fingerprint
 
 pytestmark = [
     needs_root,

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from layerfs.store import Store
-from tests import imagebuild as ib
-from tests.conftest import needs_root, needs_skopeo, needs_umoci
-from tests.tarbuild import tree_fingerprint, write_layer
+from layerfs.store.fsck import fsck
+from tests.support import imagebuild as ib
+from tests.support.markers import needs_root, needs_skopeo, needs_umoci
+from tests.support.paths import GOLDEN
+from tests.support.tarbuild import tree_fingerprint, write_layer
 
 pytestmark = [needs_umoci, needs_skopeo]
 
@@ -83,7 +85,7 @@ def test_import_matches_umoci_unpack(tmp_path: Path, demo_layout: Path) -> None:
     assert stat.S_IMODE(ours["srv/data.bin"][0]) == 0o4755
     assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
     with Store(str(root)) as s:
-        assert s.fsck(verify_blobs=True).clean
+        assert fsck(s, verify_blobs=True).clean
         img = s.get_image("demo:1.0")
         top = s.layer_dirs(img.top_chain_id)[0]
         # the top layer is stored in overlayfs format: whiteout device, opaque xattr
@@ -106,7 +108,7 @@ def test_same_image_in_every_format_dedups(tmp_path: Path, demo_layout: Path) ->
         assert set(names) == {"a:1", "c:1", "docker.io/b/img:2"}
         assert len({i.top_chain_id for i in names.values()}) == 1
         assert len({i.config_digest for i in names.values()}) == 1
-        assert s.fsck().clean
+        assert fsck(s).clean
     assert {d for d in os.listdir(root / "snapshots")} == before  # nothing unpacked again
     assert image_tree(root, "docker.io/b/img:2") == image_tree(root, "a:1")
 
@@ -272,7 +274,7 @@ def test_rmi_and_gc_keep_shared_layers(tmp_path: Path) -> None:
     with Store(str(root)) as s:
         assert [i.name for i in s.list_images()] == ["two:1"]
         assert len(s.list_snapshots()) == 2
-        assert s.fsck(verify_blobs=True).clean
+        assert fsck(s, verify_blobs=True).clean
     assert image_tree(root, "two:1").keys() == {"base", "two"}
     layerfs(root, "tag", "two:1", "again:1")
     layerfs(root, "rmi", "two:1")
@@ -330,7 +332,7 @@ def test_images_tree_golden_three_images_sharing_a_base(tmp_path: Path) -> None:
     layerfs(root, "import-layer", base, mid, db, "--name", "example/db:2")
     layerfs(root, "import-layer", base, tool, "--name", "example/tool:latest")
     layerfs(root, "tag", "example/web:1.0", "example/web:latest")
-    golden = Path(__file__).parent / "golden" / "store"
+    golden = GOLDEN / "store"
     for args, fname in [(("images", "--tree"), "tree.txt"), (("images", "--tree", "--format", "dot"), "tree.dot"),
                         (("images", "--tree", "--format", "json"), "tree.json")]:
         out = layerfs(root, *args).stdout

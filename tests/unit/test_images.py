@@ -12,10 +12,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import imagebuild as ib
 import pytest
 import zstandard
-from conftest import IS_ROOT, needs_skopeo, needs_umoci
 
 from layerfs.digest import Digest, VerifyingReader
 from layerfs.errors import (
@@ -40,6 +38,8 @@ from layerfs.image.source import (
     open_source,
     synthesize_manifest,
 )
+from tests.support import imagebuild as ib
+from tests.support.markers import IS_ROOT, needs_skopeo, needs_umoci
 
 LAYER_A = ib.layer_tar({"a.txt": "a\n", "etc/os-release": "ID=layerfs\n"})
 LAYER_B = ib.layer_tar({"b.txt": "b\n", ib.whiteout("a.txt"): b"", ib.opaque("etc"): b""})

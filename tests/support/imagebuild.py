@@ -3,7 +3,7 @@
 Nothing here reaches a registry and nothing is cached: every function writes only under the
 paths its caller passes (pytest tmp dirs), and the tools get ``TMPDIR`` pointed there too.
 
-Tool-made images (mark tests ``needs_umoci`` / ``needs_skopeo`` from ``conftest``):
+Tool-made images (mark tests ``needs_umoci`` / ``needs_skopeo`` from ``tests.support.markers``):
 
 - ``build_busybox_image(workdir, layout, tag, layers)``: ``umoci init/new``, then per
   ``Layer`` one ``umoci unpack`` -> change ``bundle/rootfs`` -> ``umoci repack`` (or a

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from layerfs.linux.proc import boot_id
 from layerfs.store import Store
-from tests.tarbuild import tree_fingerprint, write_layer
+from layerfs.store.fsck import fsck
+from tests.support.tarbuild import tree_fingerprint, write_layer
 
 
 def _cmd(root: Path, *args: str) -> list[str]:
@@ -34,7 +35,7 @@ def test_concurrent_imports_gc_and_fsck(tmp_path: Path) -> None:
         assert p.returncode == 0, err
     assert side[0].returncode == 0, side[0].stderr
     with Store(str(root)) as s:
-        report = s.fsck(verify_blobs=True)
+        report = fsck(s, verify_blobs=True)
         assert report.clean, [f.problem for f in report.findings]
         images = {i.name: i for i in s.list_images()}
         assert set(images) == {f"img{i}:1" for i in range(4)}
@@ -105,7 +106,7 @@ def test_tag_onto_itself_keeps_the_image(tmp_path: Path) -> None:
     assert subprocess.run(_cmd(root, "gc")).returncode == 0
     with Store(str(root)) as s:
         assert [i.name for i in s.list_images()] == ["foo:latest"]
-        assert s.fsck().clean and len(s.list_snapshots()) == 1
+        assert fsck(s).clean and len(s.list_snapshots()) == 1
 
 
 def test_pending_mount_record_is_not_stale(tmp_path: Path) -> None:

@@ -30,8 +30,8 @@ from pathlib import Path
 import grpc
 
 from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -12,7 +12,6 @@ every process by PID and unmount everything under the tmp dir; the test asserts 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import stat
@@ -23,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from layerfs.store import Store
-from tests.conftest import needs_root, needs_skopeo, needs_umoci
-from tests.containerd_util import (
+from layerfs.store.fsck import fsck
+from tests.support.containerd_util import (
     Containerd,
     SnapshotterServer,
     Teardown,
@@ -33,7 +32,8 @@ from tests.containerd_util import (
     retry,
     wait_until,
 )
-from tests.imagebuild import Layer, build_busybox_image, to_docker_archive, to_oci_archive
+from tests.support.imagebuild import Layer, build_busybox_image, to_docker_archive, to_oci_archive
+from tests.support.markers import needs_root, needs_skopeo, needs_umoci
 
 MIN_CONTAINERD = (1, 6, 0)
 VERSION = containerd_version()
@@ -66,8 +66,6 @@ EXPECTED = ["hello from layer 2", "kept", "doomed-absent", "written-inside", "ch
 def fuse_unavailable() -> str | None:
     """Why the FUSE backend cannot run here (None when it can). Only missing pieces skip:
     a FUSE backend that is there but misbehaves fails the test."""
-    if importlib.util.find_spec("layerfs.union.fs") is None:
-        return "layerfs.union.fs (the FUSE union filesystem) does not exist yet"
     if not os.path.exists("/dev/fuse") or shutil.which("mount.fuse3", path="/usr/sbin:/sbin:/usr/bin") is None:
         return "needs /dev/fuse and mount.fuse3 (Debian package fuse3)"
     return None
@@ -221,7 +219,7 @@ def test_containerd_runs_a_container_on_layerfs(env: Env, archives: tuple[Path, 
     assert env.store_keys() == []
     assert os.listdir(server.root / "snapshots") == []
     with Store(str(server.root)) as store:
-        report = store.fsck()
+        report = fsck(store)
         assert report.clean, [f.problem for f in report.findings]
     log = server.log_text()
     assert log.count("DEBUG Cleanup") > cleanups, "containerd's GC calls Cleanup after removing snapshots"

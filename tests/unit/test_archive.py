@@ -1,6 +1,6 @@
 """layerfs.layer.apply (safe layer tar application) and layerfs.layer.compression (bounded decompression).
 
-The hostile corpus (tests/hostile_corpus.py) is applied in a sandbox; each case must be refused
+The hostile corpus (tests/support/hostile_corpus.py) is applied in a sandbox; each case must be refused
 with an error naming the offending entry, and nothing outside the layer may change. The golden
 tests apply well-formed tars and check the resulting tree field by field.
 """
@@ -16,8 +16,15 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
-from hostile_corpus import (
+
+from layerfs.digest import Digest, VerifyingReader
+from layerfs.errors import InvalidArgument, LimitExceeded, UnsafeArchive
+from layerfs.layer import compression
+from layerfs.layer.apply import ApplyStats, apply_layer
+from layerfs.layer.compression import Limits, detect, open_decompressed
+from layerfs.union import whiteout
+from layerfs.union.whiteout import PRIVILEGED, UNPRIVILEGED_FILES, LayerFormat
+from tests.support.hostile_corpus import (
     ANY,
     CASES,
     T0,
@@ -36,14 +43,7 @@ from hostile_corpus import (
     tar_bytes,
     zstd,
 )
-
-from layerfs.digest import Digest, VerifyingReader
-from layerfs.errors import InvalidArgument, LimitExceeded, UnsafeArchive
-from layerfs.layer import compression
-from layerfs.layer.apply import ApplyStats, apply_layer
-from layerfs.layer.compression import Limits, detect, open_decompressed
-from layerfs.union import whiteout
-from layerfs.union.whiteout import PRIVILEGED, UNPRIVILEGED_FILES, LayerFormat
+from tests.support.markers import needs_root
 
 FORMATS = [
     pytest.param(PRIVILEGED, id="dev", marks=needs_root),

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import needs_root
 
 from layerfs.errors import FailedPrecondition, InUse, InvalidArgument, NotFound, Unsupported
 from layerfs.linux.files import getdents
@@ -26,6 +25,7 @@ from layerfs.mount import kernel
 from layerfs.mount.probe import DT_DIR, DT_REG, backing_fs, kernel_version, probe
 from layerfs.mount.spec import MountSpec, escape_path, split_lowerdir, unescape_path
 from layerfs.union import whiteout
+from tests.support.markers import needs_root
 
 
 def _overlay_listed() -> bool:

@@ -1,4 +1,6 @@
-"""Shared pytest fixtures. Keep this file small; topic fixtures live beside their tests."""
+"""Shared skip markers: import them from here (``from tests.support.markers import needs_root``).
+
+Fixtures live beside their tests; a conftest is never imported by name."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from conftest import needs_root
 
 from layerfs.layer.changes import (
     Change,
@@ -22,6 +21,7 @@ from layerfs.layer.changes import (
     write_layer_tar,
 )
 from layerfs.union.view import LayerStack
+from tests.support.markers import needs_root
 
 T0 = 1_600_000_000 * 10**9  # a fixed mtime in ns
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IS_ROOT, needs_root
 
 from layerfs.linux.files import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from layerfs.mount import kernel
@@ -30,6 +29,7 @@ from layerfs.union import whiteout
 from layerfs.union.api import ROOT_INODE, Attr, Ctx, SetAttr
 from layerfs.union.fs import UnionFS
 from layerfs.union.view import LayerStack
+from tests.support.markers import IS_ROOT, needs_root
 
 T0 = 1_600_000_000_123_456_789  # fixed lower timestamps (ns), so copies compare exactly
 

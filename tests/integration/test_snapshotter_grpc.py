@@ -5,10 +5,17 @@ every RPC, the error codes containerd relies on, labels and update masks, List f
 several) and streaming in batches, Usage, Cleanup, many concurrent clients, SIGTERM with a
 call in flight, stale and live sockets, a restart on the same store, and that
 ``scripts/gen-proto`` reproduces the committed generated modules byte for byte.
+
+``TestOverGrpc`` binds the shared snapshotter behaviours (``tests.support.snapshotter_suite``,
+also run on the Python API in ``test_snapshotter.py``) to the service: a server per test, with
+the kernel backend and with the FUSE backend, called through
+``tests.support.snapshotter_client.GrpcSnapshotter``, which turns the status codes back into
+the ``layerfs.errors`` classes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import os
 import signal
@@ -24,14 +31,27 @@ from pathlib import Path
 import grpc
 import pytest
 
-from layerfs.errors import DigestMismatch, FailedPrecondition, LayerfsError, NotFound, StoreError
+from layerfs.errors import (
+    AlreadyExists,
+    DigestMismatch,
+    FailedPrecondition,
+    InUse,
+    InvalidArgument,
+    LayerfsError,
+    NotFound,
+    StoreError,
+    UsageError,
+)
 from layerfs.store import Store
 from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from snapshotter.proto.containerd.types import mount_pb2
 from snapshotter.service import LIST_BATCH, SnapshotsService, status_code
-from tests.conftest import needs_root
-from tests.containerd_util import REPO, SnapshotterServer
+from tests.support.containerd_util import SnapshotterServer
+from tests.support.markers import needs_root
+from tests.support.paths import REPO
+from tests.support.snapshotter_client import GrpcSnapshotter, error_class
+from tests.support.snapshotter_suite import SnapshotterBehaviours
 
 Stub = pb_grpc.SnapshotsStub
 C = grpc.StatusCode
@@ -211,6 +231,37 @@ def test_worker_threads_close_their_own_stores(tmp_path: Path, monkeypatch: pyte
         time.sleep(0.01)
     assert sorted(o for o, _ in closed) == sorted(workers)
     assert all(owner == closer for owner, closer in closed)
+
+
+def test_client_maps_codes_back_to_the_errors_they_came_from() -> None:
+    """The shared suite asserts ``layerfs.errors`` classes over gRPC: each status the service
+    sends for one of containerd's error kinds comes back as the class that was raised (or
+    the base class of its kind, for a subclass)."""
+    for raised, kind in [(NotFound, NotFound), (AlreadyExists, AlreadyExists),
+                         (FailedPrecondition, FailedPrecondition), (InvalidArgument, InvalidArgument),
+                         (InUse, FailedPrecondition), (UsageError, InvalidArgument)]:
+        assert error_class(status_code(raised("x"))) is kind, raised
+    for unmapped in (DigestMismatch, StoreError, LayerfsError):
+        assert error_class(status_code(unmapped("x"))) is None, unmapped
+
+
+# -- the shared behaviours -----------------------------------------------------------------
+
+
+class TestOverGrpc(SnapshotterBehaviours):
+    """The shared behaviours through ``layerfs snapshotter serve`` (one per test) and a client."""
+
+    @contextlib.contextmanager
+    def snapshotter(self, root: Path, backend: str) -> Iterator[GrpcSnapshotter]:
+        srv = SnapshotterServer(root.parent, root, backend=backend).start()
+        try:
+            client = GrpcSnapshotter(srv.channel())
+            try:
+                yield client
+            finally:
+                client.close()
+        finally:
+            srv.stop()
 
 
 # -- the RPCs ------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import importlib.util
 import json
 import os
 import shutil
@@ -38,24 +37,21 @@ from layerfs.fuse import main as fuse_main
 from layerfs.linux.mountinfo import MountEntry, mount_table
 from layerfs.linux.proc import pid_alive
 from layerfs.mount import fuse as fuse_backend
+from layerfs.mount.backend import choose_backend
 from layerfs.mount.spec import MountSpec
 from layerfs.union.api import ROOT_INODE, Attr, UnionOps
+from layerfs.union.fs import UnionFS
 
-# --- the model, and a slow variant of it ---------------------------------------------------
+# --- a slow variant of the model ---------------------------------------------------------
 
-MODEL_MISSING = importlib.util.find_spec("layerfs.union.fs") is None
-needs_model = pytest.mark.skipif(MODEL_MISSING, reason="layerfs.union.fs (the union model) has not landed yet")
 
-if not MODEL_MISSING:
-    from layerfs.union.fs import UnionFS
+class SlowCopyUpFS(UnionFS):
+    """Opening for write takes a while (a large copy-up, say). Daemons load it by file."""
 
-    class SlowCopyUpFS(UnionFS):
-        """Opening for write takes a while (a large copy-up, say). Daemons load it by file."""
-
-        def open(self, inode: int, flags: int) -> int:
-            if flags & os.O_ACCMODE != os.O_RDONLY:
-                time.sleep(1.5)
-            return super().open(inode, flags)
+    def open(self, inode: int, flags: int) -> int:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            time.sleep(1.5)
+        return super().open(inode, flags)
 
 
 # --- environment ---------------------------------------------------------------------------
@@ -74,8 +70,8 @@ def _fuse_missing() -> str | None:
     return None
 
 
-needs_fuse = pytest.mark.skipif(_fuse_missing() is not None or MODEL_MISSING,
-                                reason=str(_fuse_missing() or "layerfs.union.fs (the union model) has not landed yet"))
+needs_fuse = pytest.mark.skipif(_fuse_missing() is not None,
+                                reason=str(_fuse_missing()))
 PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -288,14 +284,14 @@ def test_auto_backend_choice(tmp_path: Path) -> None:
     from layerfs.mount.probe import probe
 
     deep = MountSpec.overlay([f"/l/{i}" for i in range(501)])
-    assert mounting._choose_backend("fuse", deep) == ("fuse", None)
-    assert mounting._choose_backend("fuse", MountSpec.bind("/u", readonly=False)) == ("kernel", None)
-    chosen, why = mounting._choose_backend("auto", deep, str(tmp_path))
+    assert choose_backend("fuse", deep) == ("fuse", None)
+    assert choose_backend("fuse", MountSpec.bind("/u", readonly=False)) == ("kernel", None)
+    chosen, why = choose_backend("auto", deep, str(tmp_path))
     assert chosen == "fuse" and why is not None and "500" in why
     if probe().overlay_available and IS_ROOT:
-        assert mounting._choose_backend("auto", MountSpec.overlay(["/a", "/b"]), str(tmp_path)) == ("kernel", None)
+        assert choose_backend("auto", MountSpec.overlay(["/a", "/b"]), str(tmp_path)) == ("kernel", None)
     with pytest.raises(InvalidArgument):
-        mounting._choose_backend("nfs", deep)
+        choose_backend("nfs", deep)
 
 
 def test_adapter_errnos_and_cache_timeouts() -> None:
@@ -316,7 +312,6 @@ def test_adapter_errnos_and_cache_timeouts() -> None:
     assert ops.entry(attr).attr_timeout == 0.5
 
 
-@needs_model
 def test_adapter_answers_every_failure_with_an_errno(tmp_path: Path) -> None:
     import types
 
@@ -515,7 +510,7 @@ def test_mount_dot_fuse3_helper(tmp_path: Path, fuse: Fuse) -> None:
 
 @needs_fuse
 def test_cli_mounts_images_and_containers_over_fuse(tmp_path: Path, fuse: Fuse) -> None:
-    from tests.tarbuild import write_layer
+    from tests.support.tarbuild import write_layer
 
     def lf(*args: str) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([sys.executable, "-m", "layerfs", "--root", str(root), "-q", *args],
@@ -583,7 +578,7 @@ def test_auto_falls_back_to_fuse_when_the_kernel_refuses(tmp_path: Path, fuse: F
     from layerfs.errors import Unsupported
     from layerfs.mount import kernel
     from layerfs.store import Store
-    from tests.tarbuild import write_layer
+    from tests.support.tarbuild import write_layer
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise Unsupported("mounting overlay needs CAP_SYS_ADMIN (EPERM)")

@@ -18,7 +18,8 @@ import time
 import pytest
 
 from layerfs.store import Store
-from tests.tarbuild import tree_fingerprint, write_layer
+from layerfs.store.fsck import fsck
+from tests.support.tarbuild import tree_fingerprint, write_layer
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +67,8 @@ def copy_store(src: str, dst: str) -> None:
 
 def check_after_crash(root: str, base_tree: dict[str, tuple], app_tree: dict[str, tuple], layers: dict[str, str]) -> None:
     with Store(root) as s:  # opens
-        s.fsck(repair=True)
-        report = s.fsck()
+        fsck(s, repair=True)
+        report = fsck(s)
         assert report.clean, [f.problem for f in report.findings]
         names = {i.name for i in s.list_images()}
     assert "base:1" in names
@@ -78,7 +79,7 @@ def check_after_crash(root: str, base_tree: dict[str, tuple], app_tree: dict[str
     assert r.returncode == 0, r.stderr
     assert image_tree(root, "app:1") == app_tree
     with Store(root) as s:
-        assert s.fsck().clean
+        assert fsck(s).clean
 
 
 def test_kill_at_every_failpoint(tmp_path, pristine, layers) -> None:
@@ -119,8 +120,8 @@ def test_kill_at_random_times(tmp_path, pristine, layers) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         with Store(work) as s:
-            s.fsck(repair=True)
-            assert s.fsck().clean
+            fsck(s, repair=True)
+            assert fsck(s).clean
             names = {img.name for img in s.list_images()}
         assert image_tree(work, "base:1") == base_tree
         if "big:1" in names:

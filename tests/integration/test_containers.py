@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from layerfs.store import Store
-from tests import imagebuild as ib
-from tests.conftest import needs_root, needs_umoci
-from tests.tarbuild import tree_fingerprint, write_layer
+from layerfs.store.fsck import fsck
+from tests.support import imagebuild as ib
+from tests.support.markers import needs_root, needs_umoci
+from tests.support.tarbuild import tree_fingerprint, write_layer
 
 pytestmark = [needs_root, pytest.mark.skipif(
     "overlay" not in open("/proc/filesystems").read(), reason="kernel overlayfs not available")]
@@ -192,7 +193,7 @@ def test_container_diff_commit_and_round_trip(store: Path) -> None:
     lf(other, "import", str(store.parent / "out.tar"), "--name", "snap:1")
     with Store(str(other)) as s:
         assert tree_fingerprint(s.layer_dirs(s.get_image("snap:1").top_chain_id)) == live
-        assert s.fsck(verify_blobs=True).clean
+        assert fsck(s, verify_blobs=True).clean
     # and a view of the new image mounted by the kernel shows it too
     view = store.parent / "view"
     view.mkdir()
@@ -233,7 +234,7 @@ def test_container_lifecycle_and_refusals(store: Path) -> None:
     assert json.loads(lf(store, "ps", "--format", "json").stdout) == []
     lf(store, "rmi", "web:1")
     with Store(str(store)) as s:
-        assert s.list_snapshots() == [] and s.fsck().clean
+        assert s.list_snapshots() == [] and fsck(s).clean
 
 
 def test_bundle_runs_busybox_with_runc(store: Path) -> None:

@@ -1,7 +1,7 @@
 """Tests for layerfs.cli.render: units against go-units' own cases, views against golden files.
 
-Golden files live in tests/golden/inspect/. After an intended change of output, rewrite
-them with ``LAYERFS_UPDATE_GOLDEN=1 pytest tests/test_inspect.py`` and review the diff.
+Golden files live in tests/support/golden/inspect/. After an intended change of output, rewrite
+them with ``LAYERFS_UPDATE_GOLDEN=1 pytest tests/unit/test_inspect.py`` and review the diff.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
@@ -33,8 +32,9 @@ from layerfs.cli.render import (
 )
 from layerfs.digest import Digest, chain_ids
 from layerfs.errors import InvalidArgument
+from tests.support.paths import GOLDEN as GOLDEN_ROOT
 
-GOLDEN = Path(__file__).parent / "golden" / "inspect"
+GOLDEN = GOLDEN_ROOT / "inspect"
 NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
 
 
