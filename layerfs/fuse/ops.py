@@ -2,10 +2,15 @@
 
 ``UnionOperations`` wraps a ``layerfs.union.api.UnionOps`` model and translates, nothing
 else: ``RequestContext`` -> ``Ctx``, ``SetattrFields`` -> ``SetAttr``, ``Attr`` ->
-``EntryAttributes`` (the FUSE inode number *is* ``Attr.st_ino``), and every failure ->
+``EntryAttributes`` (the FUSE inode number is the model's, ``Attr.inode or Attr.st_ino``,
+and pyfuse3 shows that same number as ``st_ino``), and every failure ->
 ``FUSEError(errno)`` (``OSError.errno``, ``LayerfsError.errno``; anything unexpected is
 logged with its traceback and answered ``EIO``, so one bug never takes the daemon down).
 Union semantics (lookup through layers, whiteouts, copy-up ...) live in the model.
+
+Not reachable through pyfuse3 3.5: ``UnionOps.fallocate``. pyfuse3 registers no fallocate
+handler with libfuse, which answers FALLOCATE with ENOSYS; the kernel then fails every
+fallocate(2) on the mount with EOPNOTSUPP. The kernel transport (``dispatch``) serves it.
 
 Kernel caching levers, per reply (the biggest levers a FUSE union has, measured in bench/):
 
@@ -202,7 +207,7 @@ class UnionOperations(pyfuse3.Operations):
     def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         """``Attr`` -> ``EntryAttributes`` with the timeouts its mutability allows."""
         e = pyfuse3.EntryAttributes()
-        e.st_ino = attr.st_ino
+        e.st_ino = attr.inode or attr.st_ino  # pyfuse3: the node id is the st_ino shown
         e.st_mode = attr.st_mode
         e.st_nlink = attr.st_nlink
         e.st_uid = attr.st_uid
@@ -243,7 +248,7 @@ class UnionOperations(pyfuse3.Operations):
                 return negative
             raise
         if stat.S_ISDIR(attr.st_mode):
-            self._parents[attr.st_ino] = parent_inode
+            self._parents[attr.inode or attr.st_ino] = parent_inode
         return self.entry(attr)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -317,7 +322,7 @@ class UnionOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, ent.name, self.entry(ent.attr), ent.next_offset + DOT_ENTRIES):
                 for rest in entries[i:]:
                     if rest.name not in _DOTS:
-                        self.model.forget(rest.attr.st_ino, 1)
+                        self.model.forget(rest.attr.inode or rest.attr.st_ino, 1)
                 return
 
     def _reply_looked_up(self, parent: int, entries: list[DirEntry], token: pyfuse3.ReaddirToken) -> None:
@@ -332,7 +337,7 @@ class UnionOperations(pyfuse3.Operations):
                     self._fail(e, self.model.lookup)
                 continue
             if not pyfuse3.readdir_reply(token, ent.name, self.entry(attr), ent.next_offset + DOT_ENTRIES):
-                self.model.forget(attr.st_ino, 1)
+                self.model.forget(attr.inode or attr.st_ino, 1)
                 return
 
     @_guard
@@ -350,7 +355,7 @@ class UnionOperations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         attr = self.model.mkdir(parent_inode, name, mode, to_ctx(ctx))
-        self._parents[attr.st_ino] = parent_inode
+        self._parents[attr.inode or attr.st_ino] = parent_inode
         return self.entry(attr)
 
     @_guard

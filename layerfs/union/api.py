@@ -22,8 +22,15 @@ Conventions:
 - Threads: the adapter calls the model from the trio thread (metadata) and from worker
   threads (open, create, read, write, fsync, setattr, link, rename, set/removexattr) at the
   same time; every method must be thread-safe.
-- ``st_ino`` in ``Attr`` is the stable inode number the user sees (same as the FUSE inode
-  number), unchanged by copy-up and across remounts of the same layers.
+- ``st_ino`` in ``Attr`` is the stable inode number the user sees, unchanged by copy-up and
+  across remounts of the same layers. It is also the inode number the methods take, unless
+  ``Attr.inode`` says otherwise (a model that shows one ``st_ino`` for several inodes, as
+  the kernel does for lower hardlinks, sets ``inode`` to tell them apart; the FUSE node id
+  is ``inode or st_ino``, the ``st_ino`` the kernel reports is ``st_ino``).
+- Optional extras an adapter uses when a model has them (not part of ``UnionOps``):
+  ``readdir_counts_lookups`` (above); ``drain_invalidations() -> list[int]``, inodes whose
+  attributes changed as a side effect; ``backing_fd(fh) -> int | None`` (``BackingFiles``),
+  the real file the kernel may read and write directly (FUSE passthrough).
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ class Attr:
     # True when the entry lives in a lower layer only: it cannot change while mounted,
     # so the adapter may let the kernel cache it (long timeouts, keep_cache).
     immutable: bool = False
+    # the inode number the methods take, when it is not st_ino (0: st_ino is it)
+    inode: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,7 @@ class UnionOps(Protocol):
     def create(self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx) -> tuple[int, Attr]: ...
     def read(self, fh: int, offset: int, size: int) -> bytes: ...
     def write(self, fh: int, offset: int, data: bytes) -> int: ...
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None: ...  # fallocate(2) mode
     def flush(self, fh: int) -> None: ...
     def fsync(self, fh: int, datasync: bool) -> None: ...
     def release(self, fh: int) -> None: ...
@@ -131,3 +141,13 @@ class UnionOps(Protocol):
     # filesystem
     def statfs(self) -> StatFS: ...
     def destroy(self) -> None: ...
+
+
+class BackingFiles(Protocol):
+    """Optional: the real file behind an open handle, for FUSE passthrough."""
+
+    def backing_fd(self, fh: int) -> int | None:
+        """An fd of the real file behind the open file ``fh`` if reads and writes of ``fh``
+        may go to that file directly for the whole life of the handle, else None. The fd
+        stays the model's (valid until ``release(fh)``); the adapter only registers it."""
+        ...
