@@ -26,7 +26,7 @@ def snapshotter_group() -> None:
 @click.option("--address", "-a", default=DEFAULT_ADDRESS, show_default=True, type=click.Path(dir_okay=False),
               help="Unix socket to serve on (containerd's [proxy_plugins.NAME] address).")
 @click.option("--backend", type=click.Choice(["kernel", "fuse"]), default="kernel", show_default=True,
-              help="Mounts handed to containerd: kernel overlayfs, or fuse3.layerfs-fuse.")
+              help="Mounts handed to containerd: kernel overlayfs, or FUSE (fuse3./path/to/layerfs-fuse).")
 @click.option("--root", "serve_root", type=click.Path(file_okay=False), default=None,
               help=f"Store directory (default: layerfs --root, else {default_root()}).")
 @click.option("--namespace", default="containerd", show_default=True,
@@ -48,16 +48,10 @@ def serve_cmd(ctx: Ctx, address: str, backend: str, serve_root: str | None, name
         address = "/run/layerfs/snapshotter.sock"
     then: ctr images pull --snapshotter layerfs ...; ctr run --snapshotter layerfs ...
     """
-    import shutil
-
     from snapshotter.service import Server
 
     level = logging.ERROR if ctx.quiet and log_level == "info" else getattr(logging, log_level.upper())
     logging.basicConfig(stream=sys.stderr, level=level,
                         format="%(asctime)s layerfs-snapshotter %(levelname)s %(message)s")
-    if backend == "fuse" and shutil.which("layerfs-fuse") is None:
-        logging.getLogger("layerfs.snapshotter").warning(
-            "layerfs-fuse is not on PATH: containerd (and its shims) need it, and mount.fuse3, "
-            "to mount fuse3.layerfs-fuse snapshots")
     Server(address, serve_root or ctx.root or default_root(), namespace=namespace, backend=backend,
            workers=workers).serve()

@@ -13,23 +13,30 @@ by the store. Rules, errors (``layerfs.errors``, mapped to gRPC codes by the ser
   not committed -> InvalidArgument.
 - ``commit``: name exists -> AlreadyExists; key missing -> NotFound; key not active ->
   FailedPrecondition; labels are replaced by the ones given (not inherited); the key is
-  gone afterwards; size and inodes are measured and stored.
-- ``remove``: has children -> FailedPrecondition.
+  gone afterwards; size and inodes are measured and stored; the committed snapshot's
+  ``created`` and ``updated`` are both the commit's time (containerd's storage does so).
+- ``remove``: has children -> FailedPrecondition (``cannot remove snapshot KEY: ...``).
 - ``mounts``: committed -> FailedPrecondition.
 - ``update``: no field paths, or ``labels``, replaces all labels; ``labels.K`` sets (or with
   no value, deletes) one; any other path -> InvalidArgument. ``updated`` moves, ``created``
   does not.
 - ``usage``: this snapshot only; active measured on disk, committed as stored at commit.
+
+Every error names the keys as the client sent them, never the store's namespace-prefixed
+ones (``_client_keys`` rewrites the store's messages).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from layerfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from layerfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, LayerfsError, NotFound
+from layerfs.mount import fuse
 from layerfs.mount.spec import OVERLAY, MountSpec, snapshot_spec
 from layerfs.store import Snapshot, Store
 from layerfs.store import disk_usage as store_disk_usage
@@ -58,7 +65,9 @@ class Usage:
 
 
 def _time(ns: int) -> _dt.datetime:
-    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.UTC)
+    """Nanoseconds since the epoch as a UTC datetime, truncated to its microsecond (exact:
+    no float rounding, so equal times stay equal and never move past their nanosecond)."""
+    return _dt.datetime.fromtimestamp(ns // 1_000_000_000, _dt.UTC).replace(microsecond=ns % 1_000_000_000 // 1000)
 
 
 def disk_usage(path: str) -> Usage:
@@ -69,15 +78,20 @@ class Snapshotter:
     """Snapshots of one namespace of a layerfs store.
 
     ``backend`` chooses the mount type ``mounts`` describes: ``kernel`` (``overlay``/``bind``)
-    or ``fuse`` (``fuse3.layerfs-fuse`` with the same options).
+    or ``fuse``: overlays as ``fuse3.PROGRAM`` with the same options, ``PROGRAM`` the absolute
+    path of the ``layerfs-fuse`` program (``fuse_program``, default
+    ``layerfs.mount.fuse.program_path()``), so that whoever mounts them (containerd, its
+    shims, ``ctr``: ``mount.fuse3 ... -t PROGRAM``) needs no PATH of ours.
     """
 
-    def __init__(self, store: Store, *, namespace: str = "snapshotter", backend: str = "kernel") -> None:
+    def __init__(self, store: Store, *, namespace: str = "snapshotter", backend: str = "kernel",
+                 fuse_program: str | None = None) -> None:
         if backend not in ("kernel", "fuse"):
             raise InvalidArgument(f"unknown backend {backend!r} (kernel or fuse)")
         self.store = store
         self.prefix = f"{namespace}/"
         self.backend = backend
+        self.fuse_program = (fuse_program or fuse.program_path()) if backend == "fuse" else None
         self.closed = False
 
     # -- names -------------------------------------------------------------------------
@@ -92,6 +106,19 @@ class Snapshotter:
         if snap is None:
             raise NotFound(f"snapshot {key} does not exist")
         return snap
+
+    @contextlib.contextmanager
+    def _client_keys(self, *keys: str) -> Iterator[None]:
+        """Store errors name the store's keys (this namespace's prefix + the client's key):
+        re-raise them naming ``keys`` as the client sent them."""
+        try:
+            yield
+        except LayerfsError as e:
+            names = sorted({k for k in keys if k}, key=len, reverse=True)  # the longest match first
+            if names and e.args and isinstance(e.args[0], str):
+                pattern = "|".join(re.escape(self.prefix + k) for k in names)
+                e.args = (re.sub(pattern, lambda m: m.group(0)[len(self.prefix):], e.args[0]), *e.args[1:])
+            raise
 
     def _check_open(self) -> None:
         if self.closed:
@@ -157,8 +184,8 @@ class Snapshotter:
             spec = snapshot_spec(layers, None if layers else fs, readonly=True)
         else:
             spec = snapshot_spec(layers, fs, self.store.work_dir(snap.id))
-        if self.backend == "fuse" and spec.type == OVERLAY:
-            return spec.as_fuse()
+        if self.fuse_program is not None and spec.type == OVERLAY:
+            return spec.as_fuse(self.fuse_program)
         return spec
 
     def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[MountSpec]:
@@ -172,8 +199,9 @@ class Snapshotter:
         db_key = self._db_key(key)
         if self.store.get_snapshot(db_key) is not None:
             raise AlreadyExists(f"snapshot {key} already exists")
-        snap = self.store.create_active(db_key, self._db_key(parent) if parent else None, kind=kind,
-                                        labels=dict(labels or {}))
+        with self._client_keys(key, parent):
+            snap = self.store.create_active(db_key, self._db_key(parent) if parent else None, kind=kind,
+                                            labels=dict(labels or {}))
         if not parent:
             # containerd: the root of prepare(key, "") is a 0755 directory
             os.chmod(self.store.fs_dir(snap.id), 0o755)
@@ -184,14 +212,14 @@ class Snapshotter:
         db_name = self._db_key(name)
         if snap.kind != "active":
             raise FailedPrecondition(f"snapshot {key} is {snap.kind}: only active snapshots can be committed")
-        try:  # measures size and inodes, replaces the labels, drops the workdir
+        # measures size and inodes, replaces the labels, sets created = updated = now, drops the workdir
+        with self._client_keys(key, name):
             self.store.commit_snapshot(snap, db_name, dict(labels or {}))
-        except AlreadyExists:
-            raise AlreadyExists(f"snapshot {name} already exists") from None
 
     def remove(self, key: str) -> None:
         self._get(key)
-        self.store.remove_snapshot(self._db_key(key))
+        with self._client_keys(key):  # e.g. "cannot remove snapshot KEY: it has children"
+            self.store.remove_snapshot(self._db_key(key))
 
     def walk(self, fn: Callable[[Info], None], *filter_strings: str) -> None:
         """Call ``fn`` for every snapshot matching any of the filters (all when none given).

@@ -38,10 +38,12 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from types import FrameType
@@ -51,6 +53,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from layerfs.errors import InvalidArgument, LayerfsError
+from layerfs.mount import fuse
 from layerfs.mount.spec import MountSpec
 from layerfs.store import Store
 from snapshotter.core import Info, Snapshotter
@@ -111,9 +114,9 @@ class _ThreadState:
     thread-local that holds it is released by the exiting thread itself, which is the only
     thread allowed to close its SQLite connection."""
 
-    def __init__(self, root: str, namespace: str, backend: str) -> None:
+    def __init__(self, root: str, namespace: str, backend: str, fuse_program: str | None) -> None:
         self.store = Store(root)
-        self.snapshotter = Snapshotter(self.store, namespace=namespace, backend=backend)
+        self.snapshotter = Snapshotter(self.store, namespace=namespace, backend=backend, fuse_program=fuse_program)
         self.owner = threading.get_ident()
 
     def close(self) -> None:
@@ -138,6 +141,8 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self.root = os.path.abspath(root)
         self.namespace = namespace
         self.backend = backend
+        # found once here (Unsupported if missing), so the server fails at start, not on a Prepare
+        self.fuse_program = fuse.program_path() if backend == "fuse" else None
         self._local = threading.local()
         # Opened once here so a bad root fails at start, not on the first request.
         Store(self.root).close()
@@ -145,7 +150,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     def _state(self) -> _ThreadState:
         state: _ThreadState | None = getattr(self._local, "state", None)
         if state is None:
-            state = _ThreadState(self.root, self.namespace, self.backend)
+            state = _ThreadState(self.root, self.namespace, self.backend, self.fuse_program)
             self._local.state = state
         return state
 
@@ -315,13 +320,23 @@ class Server:
         self._inode = (st.st_dev, st.st_ino)
         log.info("serving containerd.services.snapshots.v1.Snapshots on %s (store %s, backend %s, namespace %s)",
                  self.address, self.service.root, self.service.backend, self.service.namespace)
+        if self.service.fuse_program is not None:
+            log.info("FUSE mounts are described as fuse3.%s", self.service.fuse_program)
 
-    def stop(self, grace: float = 30.0) -> None:
+    def stop(self, grace: float = 30.0, *, signals: SignalPipe | None = None) -> None:
         """Stop accepting calls, let the ones in flight finish (up to ``grace`` seconds),
-        end the worker threads (they close their stores) and remove our socket."""
+        end the worker threads (they close their stores) and remove our socket. With
+        ``signals``, a stop signal meanwhile aborts the calls still in flight."""
         if self._server is None:
             return
-        self._server.stop(grace).wait()
+        stopped = self._server.stop(grace)  # returns at once: no new calls, those in flight get grace
+        while signals is not None and not stopped.is_set():
+            signum = signals.wait(0.05)
+            if signum is not None:
+                log.warning("%s again: aborting the calls in flight", signal.Signals(signum).name)
+                self._server.stop(0)
+                break
+        stopped.wait()
         self._server = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -337,27 +352,79 @@ class Server:
 
         A second signal while stopping aborts the calls still in flight instead of waiting
         out the grace period (their clients get UNAVAILABLE; a worker blocked on the store
-        lock still finishes before the process exits). The previous signal handlers are back
-        when this returns."""
-        done = threading.Event()
-        received: list[int] = []
+        lock still finishes before the process exits). The signals are seen whichever thread
+        the kernel delivers them to (``SignalPipe``). The previous signal handlers are back
+        when this returns. Call from the main thread (Python's rule for signal handlers)."""
+        with SignalPipe() as signals:
+            try:
+                self.start()
+                signum = signals.next()
+                log.info("%s: shutting down (waiting up to %gs for calls in flight)",
+                         signal.Signals(signum).name, grace)
+            finally:
+                self.stop(grace, signals=signals)
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            received.append(signum)
-            server = self._server
-            if done.is_set() and server is not None:
-                log.warning("%s again: aborting the calls in flight", signal.Signals(signum).name)
-                server.stop(0)
-            done.set()
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            self.start()
-            while not done.wait(3600):
-                pass
-            log.info("%s: shutting down (waiting up to %gs for calls in flight)",
-                     signal.Signals(received[0]).name, grace)
-        finally:
-            self.stop(grace)
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class SignalPipe:
+    """SIGTERM and SIGINT as the main thread sees them, whichever thread the kernel gave them to.
+
+    A process-wide signal lands in any thread that does not block it (the kernel prefers the
+    main thread, but not always: grpc's threads and the workers are candidates too). Python
+    runs its handlers in the main thread only, the next time that thread executes bytecode,
+    and a main thread blocked waiting (a lock, an ``Event``) is not woken by a signal another
+    thread took: the server once slept through SIGTERM that way. So the handlers do nothing;
+    the C-level handler writes every signal's number to the wakeup fd
+    (``signal.set_wakeup_fd``) from whichever thread it ran in, and ``wait`` selects on that
+    pipe. Entering installs the handlers (SIGINT no longer raises KeyboardInterrupt) and the
+    wakeup fd; leaving puts the previous ones back. Main thread only."""
+
+    def __init__(self) -> None:
+        self._pending: list[int] = []
+        self._fds: tuple[int, int] | None = None
+        self._previous: dict[int, Any] = {}
+        self._previous_fd = -1
+
+    def __enter__(self) -> SignalPipe:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._fds = (r, w)
+        self._previous = {s: signal.signal(s, self._noted) for s in STOP_SIGNALS}
+        self._previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        if self._fds is not None:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
+
+    @staticmethod
+    def _noted(signum: int, frame: FrameType | None) -> None:
+        """The Python-level handler: nothing to do, ``wait`` reads the signal from the pipe."""
+
+    def next(self) -> int:
+        """The next stop signal, waiting for ever."""
+        while (signum := self.wait(None)) is None:
+            pass
+        return signum
+
+    def wait(self, timeout: float | None) -> int | None:
+        """The next stop signal (received since entering and not returned yet), waiting up to
+        ``timeout`` seconds for one (None: for ever); None if there was none."""
+        assert self._fds is not None, "SignalPipe.wait outside its with block"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                while data := os.read(self._fds[0], 512):
+                    self._pending.extend(b for b in data if b in STOP_SIGNALS)
+            if self._pending:
+                return self._pending.pop(0)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            select.select([self._fds[0]], [], [], remaining)

@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 import click
 
 from layerfs.cli import containers, images
-from layerfs.cli.base import cli
+from layerfs.cli.base import cli, interrupt_on_termination
 
 __all__ = ["cli", "main"]
 
@@ -35,5 +35,6 @@ def _plugins() -> None:
 
 
 def main() -> None:
+    interrupt_on_termination()
     _plugins()
     cli(prog_name="layerfs")

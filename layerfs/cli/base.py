@@ -3,12 +3,21 @@
 Data on stdout; logs, progress and errors on stderr.
 
 Exit codes: 0 ok, 1 failure, 2 usage error (``LayerfsError.exit_code``).
+
+Errors are one line on stderr, never a traceback: a ``LayerfsError`` says what was wrong
+and where; an ``OSError`` that escaped a command (a full disk, a permission denied, a
+read-only filesystem) is named with the command, the system's reason and the path; any
+other exception is a bug, reported in one line with "re-run with --debug" (``--debug`` or
+``LAYERFS_DEBUG=1`` lets the traceback through). SIGTERM and SIGHUP interrupt a command
+exactly as SIGINT does, so every cleanup (staging under ``tmp/``, temporary mounts) runs.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,9 +33,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Ctx:
-    def __init__(self, root: str | None, quiet: bool) -> None:
+    def __init__(self, root: str | None, quiet: bool, debug: bool = False) -> None:
         self.root = root
         self.quiet = quiet
+        self.debug = debug
         self._store: Store | None = None
 
     @property
@@ -43,7 +53,28 @@ class Ctx:
             click.echo(msg, err=True)
 
 
+def describe_oserror(e: OSError) -> str:
+    """One line for an ``OSError``: the system's reason and the path(s) it names."""
+    reason = e.strerror or (errno.errorcode.get(e.errno, "") if e.errno else "") or str(e) or type(e).__name__
+    paths = [os_path for os_path in (e.filename, e.filename2) if os_path is not None]
+    where = " -> ".join(str(p if not isinstance(p, bytes) else p.decode("utf-8", "replace")) for p in paths)
+    return f"{reason}: {where}" if where else reason
+
+
+def _command_name() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.command_path.removeprefix("layerfs ").strip() if ctx is not None else "layerfs"
+
+
+def _debugging() -> bool:
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_object(Ctx) if ctx is not None else None
+    return bool(obj and obj.debug)
+
+
 def handle_errors(fn: F) -> F:
+    """Turn every failure of a command into one line on stderr and its exit code."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> object:
         try:
@@ -53,8 +84,41 @@ def handle_errors(fn: F) -> F:
             sys.exit(e.exit_code)
         except BrokenPipeError:
             sys.exit(1)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as e:
+            if _debugging():
+                raise
+            click.echo(f"layerfs: error: {_command_name()}: {describe_oserror(e)}", err=True)
+            sys.exit(1)
+        except RecursionError:
+            if _debugging():
+                raise
+            click.echo(f"layerfs: error: {_command_name()}: input nested too deeply to read", err=True)
+            sys.exit(1)
+        except Exception as e:
+            if _debugging():
+                raise
+            click.echo(f"layerfs: internal error in {_command_name()}: {type(e).__name__}: {e} "
+                       "(re-run with --debug for the traceback)", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, delivered as an interrupt so cleanup runs as it does for SIGINT."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+def interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP interrupt the command like SIGINT (servers install their own)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _interrupt)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -64,11 +128,13 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--root", envvar="LAYERFS_ROOT", type=click.Path(file_okay=False),
               help=f"Store directory (default: {default_root()}).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or log messages on stderr.")
+@click.option("--debug", is_flag=True, envvar="LAYERFS_DEBUG",
+              help="Show the Python traceback of an unexpected error (also $LAYERFS_DEBUG=1).")
 @click.version_option(__version__, prog_name="layerfs")
 @click.pass_context
-def cli(ctx: click.Context, root: str | None, quiet: bool) -> None:
+def cli(ctx: click.Context, root: str | None, quiet: bool, debug: bool) -> None:
     """layerfs: a layer store for container images, mounted with overlayfs or FUSE."""
-    ctx.obj = Ctx(root, quiet)
+    ctx.obj = Ctx(root, quiet, debug)
 
 
 def emit(text: str) -> None:

@@ -7,11 +7,16 @@ Command lines it accepts (every one may carry several ``-o``, merged in order):
 - ``layerfs-fuse SOURCE MOUNTPOINT -o ...``, the order ``mount.fuse3`` uses when run as
   ``mount -t fuse.layerfs-fuse SOURCE MOUNTPOINT -o ...``.
 
+Transports (``--transport``, default ``$LAYERFS_FUSE_TRANSPORT`` or pyfuse3): ``pyfuse3``
+(``layerfs.fuse.ops`` through libfuse) or ``kernel`` (``layerfs.fuse.session``, the FUSE
+protocol spoken on /dev/fuse by layerfs itself). Both serve the same model the same way.
+
 Lifecycle without ``-f``: the program forks; the child detaches (setsid, cwd ``/``, stdio on
-/dev/null or ``--log``), builds the model, mounts (``pyfuse3.init``) and only then reports
-"ok" through a pipe, so the parent exits 0 exactly when the mount is live (or 1 with the
-child's error). The child serves until the mount goes away (``umount``/``fusermount3 -u``)
-or it gets SIGTERM/SIGINT/SIGHUP (then it unmounts itself, lazily); either way the model's
+/dev/null or ``--log``), builds the model, mounts (``pyfuse3.init``; the kernel transport:
+mount(2) and the answer to the kernel's INIT) and only then reports "ok" through a pipe,
+so the parent exits 0 exactly when the mount is live (or 1 with the child's error). The
+child serves until the mount goes away (``umount``/``fusermount3 -u``) or it gets
+SIGTERM/SIGINT/SIGHUP (then it unmounts itself, lazily); either way the model's
 ``destroy()`` runs before it exits. Nothing is resolved through PATH: ``mount.fuse3`` and
 ``mount`` run helpers with a sanitized environment.
 
@@ -28,6 +33,7 @@ import logging
 import os
 import resource
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -37,6 +43,8 @@ from typing import Any
 
 from layerfs import __version__
 from layerfs.errors import LayerfsError, UsageError
+from layerfs.fuse import session as session_module
+from layerfs.linux import fusedev
 from layerfs.mount.spec import split_lowerdir, unescape_path
 from layerfs.union import whiteout
 from layerfs.union.api import UnionOps
@@ -44,6 +52,10 @@ from layerfs.union.api import UnionOps
 PROG = "layerfs-fuse"
 DEFAULT_MODEL = "layerfs.union.fs:UnionFS"
 MODEL_ENV = "LAYERFS_FUSE_MODEL"
+TRANSPORTS = ("pyfuse3", "kernel")
+DEFAULT_TRANSPORT = "pyfuse3"
+TRANSPORT_ENV = "LAYERFS_FUSE_TRANSPORT"
+STATS_ENV = "LAYERFS_FUSE_STATS"
 # a model that raises EBUSY/EAGAIN (its upper still locked by a daemon that is just
 # exiting after an unmount) is retried this long, so an immediate remount works
 BUSY_RETRY_SECONDS = 3.0
@@ -54,11 +66,16 @@ usage: {PROG} [-f] [-d] [-o OPTIONS]... [SOURCE] MOUNTPOINT
 Mount a union of layer directories on MOUNTPOINT over FUSE (type fuse.{PROG}), with
 kernel overlayfs' semantics and on-disk format and fuse-overlayfs' command line.
 
-Layer options (-o, comma separated; a backslash escapes ',' ':' and '\\\\' in a path):
+Layer options (-o, comma separated; a backslash escapes ',' ':' and '\\\\' in a path;
+empty options, as in "a,,b" or a trailing comma, are skipped):
   lowerdir=L1:L2:...   read-only layers, leftmost on top (required)
   upperdir=U           writable layer; without it the mount is read-only
-  workdir=W            work directory on U's filesystem (required with upperdir)
+  workdir=W            work directory on U's filesystem (required with upperdir; not
+                       inside U, nor U inside it)
   userxattr            opaque markers are user.overlay.* xattrs (unprivileged stores)
+Layer paths are resolved once, at mount (symlinks followed, as containers/storage's
+overlay/l/<id> links need); a missing or non-directory layer is an error (exit 1) and
+nothing is mounted. Inside the layers no symlink is ever followed.
 
 Mount flags, passed to the kernel: ro, nodev, nosuid, noexec, noatime, atime, sync,
 dirsync. rw, dev, suid, exec, relatime, defaults, async are the defaults (as root the
@@ -71,9 +88,11 @@ entries are cached for an hour), debug (as -d), default_permissions and allow_ot
 Accepted silently, as they describe what {PROG} does anyway: redirect_dir=on|follow,
 index=off, metacopy=off, xino=off|auto, nfs_export=off.
 Ignored with a warning: context=, fscontext=, defcontext=, rootcontext= (SELinux labels),
-fuse-overlayfs tuning (fsync=, threaded=, fast_ino=, writeback=, noacl, static_nlink,
-max_threads=, max_idle_threads=, clone_fd, auto_unmount), other overlay parameters
-(index=on, metacopy=on, volatile, ...) and unknown options.
+volatile (accepted, but fsync still reaches the disk: the union model has no volatile
+mode yet; safe, only slower), fuse-overlayfs tuning (fsync=, threaded=, fast_ino=,
+writeback=, noacl, static_nlink, max_threads=, max_idle_threads=, clone_fd,
+auto_unmount), other overlay parameters (index=on, metacopy=on, ...) and unknown options
+(kernel overlayfs refuses unknown options; {PROG}, like fuse-overlayfs, warns).
 Refused (exit 2), as they change semantics {PROG} does not implement: uidmapping=,
 gidmapping=, squash_to_root, squash_to_uid=, squash_to_gid=, plugins=,
 xattr_permissions=1|2, noxattrs=1|2.
@@ -87,6 +106,13 @@ Program options:
   --log FILE      the background daemon's stderr (default /dev/null)
   --model M:C     the union model class (default {DEFAULT_MODEL}, or ${MODEL_ENV});
                   M is a module or a .py file: for testing the adapter
+  --transport T   how FUSE is spoken: pyfuse3 (through libfuse) or kernel (layerfs reads
+                  and writes /dev/fuse itself: readdir caching, passthrough as root);
+                  default ${TRANSPORT_ENV} or {DEFAULT_TRANSPORT}
+  --passthrough auto|off
+                  kernel transport: FUSE passthrough of file data when root (default auto)
+  --stats FILE    kernel transport: write request counters (JSON) to FILE on SIGUSR1 and
+                  at exit (default ${STATS_ENV})
   -V, --version   print the version
   -h, --help      print this help
 
@@ -95,7 +121,7 @@ As a mount(8) type: `mount -t fuse.{PROG} -o lowerdir=... SOURCE MOUNTPOINT` run
 mount.fuse3, which runs `{PROG} SOURCE MOUNTPOINT -o ...` through /bin/sh with no
 PATH of its own (so the shell's default: /usr/local/sbin:/usr/local/bin:/usr/sbin:
 /usr/bin:/sbin:/bin). Install or link {PROG} there, or name it absolutely:
-`-t fuse./path/to/{PROG}` or `-t fuse '/path/to/{PROG}#SOURCE'`.
+`-t fuse3 '/path/to/{PROG}#SOURCE'` (mount(8) cuts `-t fuse./path` at its last dot).
 Exit status: 0 ok, 1 failure, 2 usage.
 """
 
@@ -106,7 +132,7 @@ ALWAYS_ON = frozenset({"default_permissions", "allow_other", "allow_root"})
 QUIET_OVERLAY = {"redirect_dir": ("on", "follow"), "index": ("off",), "metacopy": ("off",),
                  "nfs_export": ("off",), "xino": ("off", "auto")}
 IGNORED = frozenset({"fsync", "threaded", "fast_ino", "writeback", "noacl", "static_nlink", "max_threads",
-                     "max_idle_threads", "clone_fd", "auto_unmount", "volatile", "redirect_dir", "index",
+                     "max_idle_threads", "clone_fd", "auto_unmount", "redirect_dir", "index",
                      "metacopy", "xino", "nfs_export", "uuid", "verity", "lazytime", "subtype"})
 SELINUX = frozenset({"context", "fscontext", "defcontext", "rootcontext"})
 REFUSED = {
@@ -127,12 +153,16 @@ class Options:
     fsname: str | None = None
     flags: list[str] = field(default_factory=list)  # kernel mount flags to pass on
     userxattr: bool = False
+    volatile: bool = False  # asked for; not honoured yet (see the help text)
     timeout: float | None = None
     foreground: bool = False
     debug: bool = False
     print_pid: bool = False
     log: str | None = None
     model: str = DEFAULT_MODEL
+    transport: str = DEFAULT_TRANSPORT
+    passthrough: str = "auto"
+    stats: str | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -173,7 +203,9 @@ def parse_args(argv: Sequence[str]) -> Options | str:
     raw: list[str] = []
     positional: list[str] = []
     flags: dict[str, Any] = {"foreground": False, "debug": False, "print_pid": False, "log": None,
-                             "model": os.environ.get(MODEL_ENV) or DEFAULT_MODEL}
+                             "model": os.environ.get(MODEL_ENV) or DEFAULT_MODEL,
+                             "transport": os.environ.get(TRANSPORT_ENV) or DEFAULT_TRANSPORT,
+                             "passthrough": "auto", "stats": os.environ.get(STATS_ENV) or None}
     args = iter(argv)
     for arg in args:
         if arg in ("-h", "--help"):
@@ -195,7 +227,7 @@ def parse_args(argv: Sequence[str]) -> Options | str:
             pass
         elif arg == "--print-pid":
             flags["print_pid"] = True
-        elif arg in ("--log", "--model"):
+        elif arg in ("--log", "--model", "--transport", "--passthrough", "--stats"):
             value = next(args, None)
             if value is None:
                 raise UsageError(f"{arg} needs an argument")
@@ -209,8 +241,13 @@ def parse_args(argv: Sequence[str]) -> Options | str:
     if len(positional) not in (1, 2):
         raise UsageError("expected MOUNTPOINT, or SOURCE MOUNTPOINT" if not positional
                          else f"too many arguments: {' '.join(positional)}")
-    if flags["log"] is not None:
-        flags["log"] = os.path.abspath(flags["log"])  # the daemon runs in /
+    if flags["transport"] not in TRANSPORTS:
+        raise UsageError(f"--transport {flags['transport']!r}: expected one of {', '.join(TRANSPORTS)}")
+    if flags["passthrough"] not in ("auto", "off"):
+        raise UsageError(f"--passthrough {flags['passthrough']!r}: expected auto or off")
+    for key in ("log", "stats"):
+        if flags[key] is not None:
+            flags[key] = os.path.abspath(flags[key])  # the daemon runs in /
     model_target, sep, model_name = flags["model"].rpartition(":")
     if sep and model_target.endswith(".py"):
         flags["model"] = f"{os.path.abspath(model_target)}:{model_name}"
@@ -247,6 +284,9 @@ def _other_option(opts: Options, option: str, key: str, value: str | None) -> No
         pass
     elif option == "userxattr":
         opts.userxattr = True
+    elif option == "volatile":
+        opts.volatile = True
+        opts.warnings.append("volatile: accepted, but fsync still syncs (the union model has no volatile mode)")
     elif option == "debug":
         opts.debug = opts.foreground = True
     elif key == "fsname" and value:
@@ -322,6 +362,7 @@ def load_model(spec: str) -> Callable[..., Any]:
             if mod_spec is None or mod_spec.loader is None:
                 raise ImportError(f"cannot load {target}")
             module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module  # dataclasses (and pickling) look classes up there
             mod_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
@@ -331,11 +372,40 @@ def load_model(spec: str) -> Callable[..., Any]:
     return cls
 
 
+def _layer_dir(path: str, what: str) -> str:
+    """``path`` with its symlinks resolved, checked to be a directory (else LayerfsError)."""
+    real = os.path.realpath(path)
+    shown = path if real == path else f"{path} (-> {real})"
+    try:
+        st = os.stat(real)
+    except OSError as e:
+        raise LayerfsError(f"{what} {shown}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise LayerfsError(f"{what} {shown}: not a directory")
+    return real
+
+
+def resolve_layers(opts: Options) -> None:
+    """Resolve the layer paths once, at mount, as kernel overlayfs and fuse-overlayfs do.
+
+    containers/storage names lower layers by ``overlay/l/<short id>`` symlinks to
+    ``../<layer>/diff``; the model opens its layer roots (and everything inside them) with
+    O_NOFOLLOW, so it is given the real directories. Refuses (LayerfsError, exit 1 before
+    anything is mounted) a path that is missing or not a directory, and an upperdir and
+    workdir that are not separate subtrees (the model empties ``WORKDIR/work``).
+    """
+    opts.lowers = [_layer_dir(p, "lowerdir") for p in opts.lowers]
+    if opts.upper is not None and opts.work is not None:
+        opts.upper = _layer_dir(opts.upper, "upperdir")
+        opts.work = _layer_dir(opts.work, "workdir")
+        if opts.upper == opts.work or opts.work.startswith(opts.upper.rstrip("/") + "/") \
+                or opts.upper.startswith(opts.work.rstrip("/") + "/"):
+            raise LayerfsError(f"upperdir {opts.upper} and workdir {opts.work} must be separate subtrees")
+
+
 def build_model(opts: Options) -> UnionOps:
     """Check the directories and construct the union model (retrying briefly while busy)."""
-    for path, what in [(p, "lowerdir") for p in opts.lowers] + [(opts.upper, "upperdir"), (opts.work, "workdir")]:
-        if path is not None and not os.path.isdir(path):
-            raise LayerfsError(f"{what} {path} does not exist or is not a directory")
+    resolve_layers(opts)
     if not opts.mountpoint.startswith("/dev/fd/") and not os.path.isdir(opts.mountpoint):
         raise LayerfsError(f"mount point {opts.mountpoint} does not exist or is not a directory")
     cls = load_model(opts.model)
@@ -406,21 +476,57 @@ def serve(opts: Options, ready: Readiness | None = None) -> int:
     With ``ready`` (a daemon), what libfuse prints about a failed mount goes into the
     error message instead of a stderr nobody reads.
     """
-    import pyfuse3
-    import trio
-
-    from layerfs.fuse.ops import CachePolicy, UnionOperations
-
     os.umask(0)  # the kernel already applied the caller's umask to every mode it sends
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # one fd per open file and layer
     model = build_model(opts)
-    ops = UnionOperations(model, CachePolicy(mutable=opts.timeout if opts.timeout is not None else 1.0))
-    said: list[str] = []
     # SIGTERM between the mount and trio's own handler must still end in an unmount
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)
+    if opts.transport == "kernel":
+        def on_ready() -> None:
+            if ready is not None:
+                ready.ok()
+            logging.getLogger(__name__).info("serving %s on %s", ":".join(opts.lowers), opts.mountpoint)
+
+        return session_module.serve(kernel_mount_config(opts, os.geteuid()), model, on_ready)
+    return _serve_pyfuse3(opts, model, ready)
+
+
+def kernel_mount_config(opts: Options, euid: int) -> session_module.MountConfig:
+    """How the kernel transport mounts ``opts``: as libfuse does, nosuid,nodev by default,
+    as root ``dev``/``suid`` unless nodev/nosuid were asked for (mount(8) and kernel
+    overlayfs default to dev,suid). A union without an upper is mounted read-only (kernel
+    overlayfs does the same): writes fail with EROFS in the VFS, and reading a directory
+    does not expire its atime in the kernel's attribute cache."""
+    root = euid == 0
+    options = ["default_permissions"]
+    if root or user_allow_other():
+        options.append("allow_other")
+    flags = fusedev.MS_RDONLY if opts.upper is None else 0
+    for flag in opts.flags:
+        flags |= fusedev.MOUNT_FLAGS.get(flag, 0)
+    if not root:
+        flags |= fusedev.MS_NOSUID | fusedev.MS_NODEV
+    fsname = opts.fsname or opts.source or PROG
+    user = [f"fsname={_escape_fuse(fsname)}", f"subtype={PROG}", *options, *opts.flags]
+    if opts.upper is None and "ro" not in opts.flags:
+        user.append("ro")
+    return session_module.MountConfig(mountpoint=opts.mountpoint, source=fsname, subtype=PROG, flags=flags,
+                                      options=options, fusermount_options=user, timeout=opts.timeout,
+                                      passthrough=opts.passthrough != "off", debug=opts.debug, stats=opts.stats)
+
+
+def _serve_pyfuse3(opts: Options, model: UnionOps, ready: Readiness | None) -> int:
+    """``serve`` through pyfuse3 (libfuse): mount, report readiness, run its loop."""
+    import pyfuse3
+    import trio
+
+    from layerfs.fuse.ops import CachePolicy, UnionOperations
+
+    ops = UnionOperations(model, CachePolicy(mutable=opts.timeout if opts.timeout is not None else 1.0))
+    said: list[str] = []
     try:
         with _captured_stderr(said) if ready is not None else contextlib.nullcontext():
             pyfuse3.init(ops, opts.mountpoint, fuse_options(opts))

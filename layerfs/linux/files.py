@@ -5,6 +5,7 @@
   crash never shows a half-made change;
 - ``utimensat`` with ``UTIME_OMIT`` / ``UTIME_NOW`` per timestamp (``os.utime`` sets both);
 - ``getdents64``: names with their raw d_type;
+- ``fallocate`` with any mode (``os.posix_fallocate`` is mode 0 only);
 - ``FICLONE``: reflink a whole file where the filesystem can (btrfs, xfs); copy-up tries it
   before ``copy_file_range``;
 - ``rmtree_at``: ``rm -rf`` below a directory fd, following no symlink, at any depth
@@ -51,6 +52,15 @@ libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timesp
 libc.utimensat.restype = ctypes.c_int
 libc.futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
 libc.futimens.restype = ctypes.c_int
+libc.fallocate64.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+libc.fallocate64.restype = ctypes.c_int
+
+# fallocate(2) modes
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
 
 
 def _raise(what: bytes) -> None:
@@ -83,6 +93,13 @@ def utimensat(dir_fd: int, name: bytes | None, atime_ns: int | None, mtime_ns: i
             _raise(b"<fd %d>" % dir_fd)
     elif libc.utimensat(dir_fd, name, times, AT_SYMLINK_NOFOLLOW) != 0:
         _raise(name)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) of the open file ``fd`` with ``mode`` (``FALLOC_FL_*``); raises the
+    filesystem's errno (EOPNOTSUPP for a mode it lacks, EINVAL for a bad range...)."""
+    if libc.fallocate64(fd, mode, offset, length) != 0:
+        _raise(b"<fd %d>" % fd)
 
 
 def try_clone(src_fd: int, dst_fd: int) -> bool:

@@ -7,15 +7,21 @@ serving it; ``mount`` returns that daemon's pid. The daemon lives until its moun
 and then SIGKILL if it lingers. Nothing here remembers pids: callers record them (the
 ``mounts`` table's ``pid`` column).
 
-Specs it takes: overlay and ``fuse3.layerfs-fuse`` (same options: ``lowerdir=``,
-``upperdir=``, ``workdir=``, flags and overlay parameters, which the program accepts as
-fuse-overlayfs does), and a read-only bind (served as a one-layer union). A writable bind
-needs no union at all: that is the kernel backend's job.
+Specs it takes: overlay and the layerfs-fuse types (``fuse3.layerfs-fuse``,
+``fuse.layerfs-fuse``, or either prefix before the program's absolute path: see
+``spec.is_fuse_type``; same options: ``lowerdir=``, ``upperdir=``, ``workdir=``, flags and
+overlay parameters, which the program accepts as fuse-overlayfs does), and a read-only bind
+(served as a one-layer union). A writable bind needs no union at all: that is the kernel
+backend's job. Whatever program path a type names, this very ``layerfs`` serves it.
+
+``program_path()`` finds the ``layerfs-fuse`` program for mounts that others execute (the
+snapshotter's descriptions for containerd): they name it absolutely.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,16 +30,39 @@ import time
 from layerfs.errors import InvalidArgument, LayerfsError, NotFound, Unsupported
 from layerfs.linux.proc import pid_alive
 from layerfs.mount import kernel
-from layerfs.mount.spec import BIND, FUSE, OVERLAY, MountSpec, escape_path
+from layerfs.mount.spec import BIND, FUSE, FUSE_PROGRAM, OVERLAY, MountSpec, escape_path, is_fuse_type
 
 PROGRAM = "layerfs.fuse.main"
 FUSERMOUNT = ("/usr/bin/fusermount3", "/bin/fusermount3")
-UNION_TYPES = frozenset({OVERLAY, FUSE, "fuse.layerfs-fuse"})
+# the union types by name; is_union_type also takes the ones naming the program absolutely
+UNION_TYPES = frozenset({OVERLAY, FUSE, f"fuse.{FUSE_PROGRAM}"})
+
+
+def is_union_type(fstype: str) -> bool:
+    """An overlay or a layerfs-fuse type (``fuse3.layerfs-fuse``, ``fuse3./abs/layerfs-fuse`` ...)."""
+    return fstype == OVERLAY or is_fuse_type(fstype)
+
+
+def program_path() -> str:
+    """The absolute path of the ``layerfs-fuse`` program: the console script installed
+    beside this Python (``sys.executable``'s directory, e.g. a venv's ``bin``, not resolved
+    through symlinks), else the one on PATH. ``Unsupported`` when there is none."""
+    if sys.executable:
+        beside = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), FUSE_PROGRAM)
+        if os.path.isfile(beside) and os.access(beside, os.X_OK):
+            return beside
+    found = shutil.which(FUSE_PROGRAM)
+    if found is not None:
+        return os.path.abspath(found)
+    raise Unsupported(
+        f"cannot find the {FUSE_PROGRAM} program: it is neither beside {sys.executable or 'this Python'} "
+        f"nor on PATH; install layerfs (pip install, which makes the {FUSE_PROGRAM} console script) "
+        "into this Python's environment")
 
 
 def program_options(spec: MountSpec) -> list[str]:
     """The ``-o`` options that make ``layerfs-fuse`` serve ``spec``."""
-    if spec.type in UNION_TYPES:
+    if is_union_type(spec.type):
         if not spec.lowers:
             raise InvalidArgument(f"{spec.type} spec without lowerdir: {spec}")
         return list(spec.options)

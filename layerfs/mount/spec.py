@@ -7,6 +7,13 @@ module is pure: no syscalls, so option building is testable without root.
 ``snapshot_spec`` is the one rule that turns a snapshot (committed layers, an optional
 upper) into a ``MountSpec``; ``MountSpec.as_fuse`` hands the same overlay to FUSE.
 
+FUSE mount types (``is_fuse_type``): ``fuse3.layerfs-fuse`` (``FUSE``) or ``fuse.layerfs-fuse``,
+or either prefix before the program's absolute path, ``fuse3./opt/x/.venv/bin/layerfs-fuse``:
+``mount.fuse3`` runs everything after the prefix (containerd strips exactly ``fuse3.``) as a
+command through /bin/sh with a default PATH, so a description for others to mount names the
+program absolutely. Whatever the type says, the mount in /proc/self/mountinfo is
+``fuse.layerfs-fuse``: the program sets that subtype itself.
+
 Option strings follow containerd and mount(8):
 
 - overlay: ``lowerdir=TOP:...:BOTTOM`` (top layer first, as overlayfs reads it),
@@ -32,7 +39,9 @@ from layerfs.errors import InvalidArgument
 
 OVERLAY = "overlay"
 BIND = "bind"
-FUSE = "fuse3.layerfs-fuse"
+FUSE_PROGRAM = "layerfs-fuse"
+FUSE = f"fuse3.{FUSE_PROGRAM}"
+FUSE_PREFIXES = ("fuse3.", "fuse.")
 
 # Options for every writable overlay layerfs describes (containers, snapshotter actives):
 # renaming a directory that comes from a lower layer must work, which overlayfs records as
@@ -80,6 +89,16 @@ def _unescaped_chars(value: str) -> Iterator[str]:
     chars = iter(value)
     for c in chars:
         yield next(chars, "") if c == "\\" else c
+
+
+def is_fuse_type(fstype: str) -> bool:
+    """Whether ``fstype`` is a mount type served by the layerfs-fuse program: a FUSE prefix
+    (``fuse3.``, ``fuse.``) before ``layerfs-fuse`` or before an absolute path to it."""
+    for prefix in FUSE_PREFIXES:
+        if fstype.startswith(prefix):
+            program = fstype[len(prefix):]
+            return program == FUSE_PROGRAM or (program.startswith("/") and program.rsplit("/", 1)[1] == FUSE_PROGRAM)
+    return False
 
 
 def _check_path(path: str, what: str) -> str:
@@ -220,11 +239,18 @@ class MountSpec:
         except KeyError as e:
             raise InvalidArgument(f"mount description lacks {e.args[0]!r}: {dict(mount)!r}") from e
 
-    def as_fuse(self) -> MountSpec:
-        """The same overlay for the FUSE backend (``fuse3.layerfs-fuse``, fuse-overlayfs' options)."""
+    def as_fuse(self, program: str | None = None) -> MountSpec:
+        """The same overlay for the FUSE backend, fuse-overlayfs' options: type
+        ``fuse3.PROGRAM`` with ``program`` the absolute path of layerfs-fuse (what a mount
+        helper can run without a PATH), or ``fuse3.layerfs-fuse`` without one."""
         if self.type != OVERLAY:
             raise InvalidArgument(f"only an overlay can be served by FUSE, not a {self.type} mount")
-        return MountSpec(FUSE, "layerfs", self.options)
+        if program is None:
+            return MountSpec(FUSE, "layerfs", self.options)
+        fstype = f"{FUSE_PREFIXES[0]}{_check_path(program, 'FUSE program')}"
+        if not is_fuse_type(fstype):
+            raise InvalidArgument(f"FUSE program {program!r} is not named {FUSE_PROGRAM}")
+        return MountSpec(fstype, "layerfs", self.options)
 
     # --- reading back -----------------------------------------------------------------
 

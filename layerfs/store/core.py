@@ -348,10 +348,10 @@ class Store:
             if row is None:
                 raise NotFound(f"snapshot {key} not found")
             if db.execute("SELECT 1 FROM snapshots WHERE parent_id=?", (row["id"],)).fetchone():
-                raise FailedPrecondition(f"snapshot {key} has children")
+                raise FailedPrecondition(f"cannot remove snapshot {key}: it has children")
             target = self.mounts.target_of(key)
             if target is not None:
-                raise InUse(f"snapshot {key} is mounted at {target}")
+                raise InUse(f"cannot remove snapshot {key}: it is mounted at {target}")
             if in_txn is not None:
                 in_txn(db, row["id"])
             db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (row["id"],))
@@ -363,15 +363,23 @@ class Store:
 
     def commit_snapshot(self, snap: Snapshot, key: str, labels: Mapping[str, str]) -> None:
         """Commit the active snapshot ``snap`` under the new key ``key`` (containerd's Commit):
-        its size and inodes are measured and stored, its labels replaced by ``labels``, and
-        its workdir (only for writable mounts) dropped once the commit is recorded.
-        AlreadyExists if ``key`` is taken."""
+        its size and inodes are measured and stored, its labels replaced by ``labels``, its
+        created and updated times both set to now (the committed snapshot is a new one, as in
+        containerd's storage), and its workdir (only for writable mounts) dropped once the
+        commit is recorded. AlreadyExists if ``key`` is taken; NotFound if ``snap`` is gone,
+        FailedPrecondition if it is no longer active (a concurrent Remove or Commit)."""
         size, inodes = disk_usage(self.fs_dir(snap.id))
         with self.meta.transaction() as db:
+            row = db.execute("SELECT kind FROM snapshots WHERE id=? AND key=?", (snap.id, snap.key)).fetchone()
+            if row is None:
+                raise NotFound(f"snapshot {snap.key} does not exist")
+            if row["kind"] != "active":
+                raise FailedPrecondition(f"snapshot {snap.key} is {row['kind']}: only active snapshots can be committed")
             if db.execute("SELECT 1 FROM snapshots WHERE key=?", (key,)).fetchone():
                 raise AlreadyExists(f"snapshot {key} already exists")
-            db.execute("UPDATE snapshots SET key=?, kind='committed', updated_ns=?, size=?, inodes=? WHERE id=?",
-                       (key, now_ns(), size, inodes, snap.id))
+            ts = now_ns()
+            db.execute("UPDATE snapshots SET key=?, kind='committed', created_ns=?, updated_ns=?, size=?, inodes=?"
+                       " WHERE id=?", (key, ts, ts, size, inodes, snap.id))
             db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (snap.id,))
             db.executemany("INSERT INTO snapshot_labels VALUES (?, ?, ?)", [(snap.id, k, v) for k, v in labels.items()])
         shutil.rmtree(self.work_dir(snap.id), ignore_errors=True)

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from layerfs.linux.files import DIR_FLAGS, RENAME_NOREPLACE, proc_path, renameat2
 from layerfs.union import copyup, whiteout, xattrs
 from layerfs.union.api import ROOT_INODE, Attr
-from layerfs.union.dirindex import FdCache, LowerDir, LowerHit, LowerIndex, open_dir_chain, scan
+from layerfs.union.dirindex import (
+    FdCache,
+    LowerDir,
+    LowerHit,
+    LowerIndex,
+    fd_cache_capacity,
+    open_dir_chain,
+    scan,
+)
 from layerfs.union.inodes import InodeTable, Node, origin_name, read_origin
 from layerfs.union.upper import Upper
 from layerfs.union.whiteout import (
@@ -82,8 +90,8 @@ class UnionCore:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        # keep a quarter of the fds for open files; one per cached directory
-        self._fds = FdCache(min(4096, max(64, (soft if soft > 0 else 1024) // 4)))
+        # one fd per cached directory, bounded (LRU): see ``dirindex.fd_cache_capacity``
+        self._fds = FdCache(fd_cache_capacity(soft))
         self._lowers = LowerIndex(list(lowers), self._fds)
         self._upper: Upper | None = None
         try:
@@ -110,6 +118,7 @@ class UnionCore:
         self._closed = False
         self._gen = 0  # bumped by every change to the upper layer
         self._invalidations: list[int] = []  # see UnionFS.drain_invalidations
+        self._aliases: dict[int, dict[tuple[int, int], list[tuple[bytes, ...]]]] = {}  # _alias_paths
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -265,6 +274,12 @@ class UnionCore:
         node.upper = True
         node.backing = key
         origin = read_origin(proc_path(pfd, name), self._table, self._lower_dev)
+        if origin is not None and st.st_nlink > 1 and self._upper is not None:
+            try:
+                ist = os.stat(self._index_name(origin), dir_fd=self._upper.index_fd, follow_symlinks=False)
+                node.indexed = (ist.st_dev, ist.st_ino) == key
+            except FileNotFoundError:
+                pass
         self._table.register(node, origin if origin is not None else self._table.number_for(*key))
         return node
 
@@ -276,14 +291,24 @@ class UnionCore:
             top = hit.chain[0].st
             self._table.register(node, self._table.number_for(top.st_dev, top.st_ino))
             return node
-        # Lower hardlinks stay separate inodes, as in the kernel with index=off (it will not
-        # hash a lower file with nlink > 1 by its real inode: copy-up breaks the link). The
-        # first one looked up gets the lower inode number, the others numbers of their own
-        # (FUSE needs distinct numbers for distinct inodes; the kernel shows one for all).
+        # Every name of a lower hardlink is one node (kernel overlayfs with index=on hashes
+        # such a file by its lower inode too): one st_ino, and copy-up keeps them one file.
         st = self._lowers.stat(hit.dir, hit.name)
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1:
+            known = self._table.by_lower.get(key)
+            # (an upper one only while _link_aliases links its names: lower_key still set)
+            if known is not None and not known.dead and known.lower_key is not None:
+                known.add_link(parent, name)
+                return known
+            linked = self._link_from_index(parent, name, key)
+            if linked is not None:
+                return linked
         node = Node(hit.kind, parent, name)
         node.lower = hit
-        self._table.register(node, self._table.number_for(st.st_dev, st.st_ino))
+        if st.st_nlink > 1:
+            node.lower_key = key
+        self._table.register(node, self._table.number_for(*key))
         return node
 
     def _list(self, node: Node, upper_names: set[bytes] | None = None) -> list[bytes]:
@@ -350,6 +375,8 @@ class UnionCore:
         else:
             st = self._stat(node)
         nlink = st.st_nlink  # an unlinked file: its real file's count (0 if it was upper)
+        if node.indexed and nlink > 0:
+            nlink -= 1  # not the index's link
         if node.is_dir and not node.dead and node.merged:
             nlink = 1  # as the kernel: a merged directory's link count is unknown
         return Attr(node.number, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
@@ -444,10 +471,9 @@ class UnionCore:
         assert hit is not None
         st = self._lowers.stat(hit.dir, hit.name)
         attrs = self._lowers.xattrs(hit.dir, hit.name)
-        # The kernel keeps the origin's number only where the lower file had one link (a
-        # broken lower hardlink shows the copy's own number): no record for hardlinks, so a
-        # remount shows the upper number too. A live node keeps its number (FUSE must).
-        private = {self._origin_xattr: str(node.number).encode()} if st.st_nlink == 1 else {}
+        # The copy keeps the node's number across remounts (a lower hardlink's too: every
+        # name of it is linked to this copy below, so all carry the same record).
+        private = {self._origin_xattr: str(node.number).encode()}
         tmp = upper.tmp_name()
         released = False
         try:
@@ -472,7 +498,122 @@ class UnionCore:
         node.upper = True
         node.gen += 1
         self._gen += 1  # also after the lock was released: a listing taken meanwhile is stale
+        if node.lower_key is not None:
+            self._link_aliases(node, hit)
         return released
+
+    @staticmethod
+    def _index_name(number: int) -> bytes:
+        return b"%d" % number  # the copy's number, as in its origin record
+
+    def _link_from_index(self, parent: Node, name: bytes, key: tuple[int, int]) -> Node | None:
+        """A name of a lower hardlink whose copy is in the index (copied up before, under
+        another name): link the copy here and return its node; None if there is none."""
+        upper = self._upper
+        if upper is None:
+            return None
+        iname = self._index_name(self._table.number_for(*key))
+        try:
+            os.stat(iname, dir_fd=upper.index_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        self._writable()
+        self._copy_up_dirs(parent)
+        pfd = self._upper_fd(parent)
+        os.link(iname, name, src_dir_fd=upper.index_fd, dst_dir_fd=pfd, follow_symlinks=False)
+        return self._upper_file_node(parent, name, pfd, os.stat(name, dir_fd=pfd, follow_symlinks=False))
+
+    def _link_aliases(self, node: Node, hit: LowerHit) -> None:
+        """After copying up a lower hardlink: link the copy at every other name of the same
+        lower inode (same layer, same st_dev/st_ino) that the union still shows, so the names
+        stay one file, in this mount and after a remount (the upper holds the hardlinks; no
+        index is needed). A name is visible when looking its lower path up in the union finds
+        this very node; whited-out or replaced names are not, and are left alone."""
+        key = node.lower_key
+        assert key is not None and self._upper is not None
+        self._table.by_lower[key] = node  # lookups of its other names find it meanwhile
+        try:
+            self._link_alias_names(node, key, hit.dir.layer)
+        finally:
+            self._table.unbind_backing(node)
+            self._table.by_lower.pop(key, None)
+            node.lower_key = None
+            if node.backing is not None:
+                self._table.by_backing[node.backing] = node
+
+    def _link_alias_names(self, node: Node, key: tuple[int, int], layer: int) -> None:
+        copy = node.links[-1]  # the name just copied up (looking names up below adds links)
+        assert self._upper is not None
+        try:
+            os.link(copy[1], self._index_name(node.number), src_dir_fd=self._upper_fd(copy[0]),
+                    dst_dir_fd=self._upper.index_fd, follow_symlinks=False)
+            node.indexed = True
+        except FileExistsError:
+            pass
+        try:
+            # the names already known first: they may lie below a renamed directory, where
+            # the lower paths do not lead
+            for p, name in list(node.links[:-1]):
+                if not p.dead and p.children.get(name) is node:
+                    self._copy_up_dirs(p)
+                    pfd = self._upper_fd(p)
+                    if not _lexists(pfd, name):
+                        os.link(copy[1], name, src_dir_fd=self._upper_fd(copy[0]), dst_dir_fd=pfd,
+                                follow_symlinks=False)
+            self._link_each_alias(node, key, layer, copy)
+        finally:
+            node.add_link(*copy)  # the one _at uses: last
+
+    def _link_each_alias(self, node: Node, key: tuple[int, int], layer: int, copy: tuple[Node, bytes]) -> None:
+        for parts in self._alias_paths(layer).get(key, ()):
+            held: list[Node] = []
+            try:
+                p: Node | None = self._root
+                for comp in parts[:-1]:
+                    assert p is not None
+                    p = self._child(p, comp)
+                    if p is None or not p.is_dir:
+                        break
+                    held.append(p)
+                else:
+                    assert p is not None
+                    found = self._child(p, parts[-1])
+                    if found is not node:
+                        self._done_with(found)
+                        continue
+                    self._copy_up_dirs(p)
+                    pfd = self._upper_fd(p)
+                    if _lexists(pfd, parts[-1]):
+                        continue  # the copy itself, or already linked
+                    os.link(copy[1], parts[-1], src_dir_fd=self._upper_fd(copy[0]), dst_dir_fd=pfd,
+                            follow_symlinks=False)
+                    node.add_link(p, parts[-1])
+            finally:
+                self._done_with(*reversed(held))
+
+    def _alias_paths(self, layer: int) -> dict[tuple[int, int], list[tuple[bytes, ...]]]:
+        """Lower layer ``layer``'s non-directories with several links: (st_dev, st_ino) ->
+        their paths (components from the layer root). Read once per mount (layers are
+        read-only)."""
+        found = self._aliases.get(layer)
+        if found is not None:
+            return found
+        found = {}
+        root = b"/proc/self/fd/%d/." % self._lowers.root_fds[layer]  # fwalk will not follow a link
+        for dirpath, _dirs, files, dfd in os.fwalk(root):
+            rel = os.path.relpath(dirpath, root)
+            base = () if rel == b"." else tuple(rel.split(b"/"))
+            for f in files:
+                if f.startswith(WH):
+                    continue
+                try:
+                    st = os.stat(f, dir_fd=dfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    found.setdefault((st.st_dev, st.st_ino), []).append((*base, f))
+        self._aliases[layer] = found
+        return found
 
     def _copy_regular(self, node: Node, hit: LowerHit, st: os.stat_result, attrs: dict[str, bytes],
                       private: dict[str, bytes], tmp: bytes, truncate: int | None) -> bool:

@@ -13,6 +13,14 @@ accesses instead of one ``lstat`` per layer (about 6.5 µs per layer in Python, 
 go of what was read: ``forget`` (a walk that is done with a directory) and ``refresh_top``
 (the top layer was written since: the view over a layer being extracted into).
 
+The caches are bounded, so a walk of a huge image holds neither one fd nor one listing
+per directory: fds live in an ``FdCache`` (LRU; a union's holds ``LAYERFS_FD_CACHE``,
+default ``FD_CACHE``), and at most ``dir_capacity`` listed real
+directories (``LAYERFS_DIR_CACHE``, default ``DIR_CACHE``) and as many merged directories
+keep what was read from them; the least recently used lose it (listing, stats, xattrs,
+child directories) and are simply read again when next used, which is correct because
+the layers never change while indexed.
+
 Conventions read (every one, whatever the mount writes; names from ``layerfs.union.whiteout``):
 
 - whiteout: a 0/0 character device; a regular file ``.wh.NAME`` (which hides NAME in its
@@ -43,6 +51,33 @@ from dataclasses import dataclass
 from layerfs.linux.files import DIR_FLAGS, proc_path
 from layerfs.union import whiteout, xattrs
 from layerfs.union.whiteout import OPAQUE_NAMES, OPQ, REDIRECT_NAMES, WH, XWHITEOUT_NAMES
+
+DIR_CACHE = 4096  # listed directories (and merged directories) kept by default
+DIR_CACHE_ENV = "LAYERFS_DIR_CACHE"
+
+
+FD_CACHE = 1024  # directory fds a union keeps open by default
+FD_CACHE_ENV = "LAYERFS_FD_CACHE"
+
+
+def fd_cache_capacity(soft_limit: int) -> int:
+    """``$LAYERFS_FD_CACHE`` or ``FD_CACHE``, within a quarter of ``soft_limit`` (RLIMIT_NOFILE;
+    the rest stays for open files), and at least 64."""
+    value = os.environ.get(FD_CACHE_ENV, "")
+    try:
+        wanted = int(value) if value else FD_CACHE
+    except ValueError:
+        wanted = FD_CACHE
+    return max(64, min(wanted, (soft_limit if soft_limit > 0 else 1024) // 4))
+
+
+def dir_cache_capacity() -> int:
+    """``$LAYERFS_DIR_CACHE`` (at least 16) or ``DIR_CACHE``."""
+    value = os.environ.get(DIR_CACHE_ENV, "")
+    try:
+        return max(16, int(value)) if value else DIR_CACHE
+    except ValueError:
+        return DIR_CACHE
 
 
 def open_dir_chain(base: int, names: Sequence[bytes]) -> int:
@@ -171,14 +206,18 @@ class LowerIndex:
     """The layers of one stack (top first: a mount's lowers, or a view's layers) and the
     caches over them. Not thread-safe: the model calls it under its lock."""
 
-    def __init__(self, roots: Sequence[str], fds: FdCache) -> None:
+    def __init__(self, roots: Sequence[str], fds: FdCache, dir_capacity: int | None = None) -> None:
         self.fds = fds
+        self.dir_capacity = max(16, dir_capacity) if dir_capacity is not None else dir_cache_capacity()
         self.root_fds: list[int] = []
         self.roots: list[LowerDir] = []
-        self._merged: dict[tuple[LowerDir, ...], MergedDir] = {}
+        # LRUs (least recently used first), each at most ``dir_capacity`` long (``_cont`` 4x)
+        self._loaded: OrderedDict[LowerDir, None] = OrderedDict()  # real directories listed
+        self._merged: OrderedDict[tuple[LowerDir, ...], MergedDir] = OrderedDict()
         # merged directories with a directory of layer 0 (always first): ``refresh_top`` drops them
-        self._merged_top: dict[tuple[LowerDir, ...], MergedDir] = {}
-        self._cont: dict[tuple[tuple[LowerDir, ...], tuple[bytes, ...], bool], tuple[LowerDir, ...]] = {}
+        self._merged_top: OrderedDict[tuple[LowerDir, ...], MergedDir] = OrderedDict()
+        self._cont: OrderedDict[tuple[tuple[LowerDir, ...], tuple[bytes, ...], bool], tuple[LowerDir, ...]] = (
+            OrderedDict())
         try:
             for i, path in enumerate(roots):
                 fd = os.open(path, DIR_FLAGS)
@@ -220,14 +259,19 @@ class LowerIndex:
         the directories on its path rather than the whole tree."""
         self._merged_for(chain).pop(chain, None)
         for d in chain:
-            d._entries = None
-            d._whiteouts = frozenset()
-            d._stats = {}
-            d._children = {}
-            d._xattrs = {}
-            d._links = {}
+            self._loaded.pop(d, None)
+            self._drop_listing(d)
             if d.parent is not None:
                 self.fds.drop(d)
+
+    @staticmethod
+    def _drop_listing(d: LowerDir) -> None:
+        d._entries = None
+        d._whiteouts = frozenset()
+        d._stats = {}
+        d._children = {}  # made again from the listing (same directories, new objects)
+        d._xattrs = {}
+        d._links = {}
 
     # --- real directories ---------------------------------------------------------------
 
@@ -260,6 +304,8 @@ class LowerIndex:
     def entries(self, d: LowerDir) -> dict[bytes, int]:
         if d._entries is None:
             self._load(d)
+        elif d.parent is not None:
+            self._loaded.move_to_end(d)
         assert d._entries is not None
         return d._entries
 
@@ -307,6 +353,11 @@ class LowerIndex:
             entries.pop(name, None)
         d._whiteouts = frozenset(gone)
         d._entries = entries
+        if d.parent is not None:  # layer roots stay listed (few, and every walk starts there)
+            self._loaded[d] = None
+            while len(self._loaded) > self.dir_capacity:
+                victim, _ = self._loaded.popitem(last=False)
+                self._drop_listing(victim)
 
     def _is_xwhiteout(self, d: LowerDir, fd: int, name: bytes) -> bool:
         if self.stat(d, name).st_size != 0:
@@ -356,7 +407,7 @@ class LowerIndex:
 
     # --- merged lower directories -------------------------------------------------------
 
-    def _merged_for(self, chain: tuple[LowerDir, ...]) -> dict[tuple[LowerDir, ...], MergedDir]:
+    def _merged_for(self, chain: tuple[LowerDir, ...]) -> OrderedDict[tuple[LowerDir, ...], MergedDir]:
         return self._merged_top if chain and chain[0].layer == 0 else self._merged
 
     def merged(self, chain: tuple[LowerDir, ...]) -> MergedDir:
@@ -364,6 +415,10 @@ class LowerIndex:
         m = cache.get(chain)
         if m is None:
             m = cache[chain] = MergedDir(chain)
+            while len(cache) > self.dir_capacity:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(chain)
         return m
 
     def _topmost(self, m: MergedDir, name: bytes) -> int | None:
@@ -438,6 +493,10 @@ class LowerIndex:
             found = self._walk(cands, path, absolute, ())
             got = found if isinstance(found, tuple) else ()
             self._cont[key] = got
+            while len(self._cont) > 4 * self.dir_capacity:
+                self._cont.popitem(last=False)
+        else:
+            self._cont.move_to_end(key)
         return got
 
     def _walk(self, cands: tuple[LowerDir, ...], path: tuple[bytes, ...], absolute: bool,

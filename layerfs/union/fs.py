@@ -34,7 +34,7 @@ import errno
 import os
 import stat
 
-from layerfs.linux.files import utimensat
+from layerfs.linux.files import fallocate, utimensat
 from layerfs.union import xattrs
 from layerfs.union.api import Attr, Ctx, DirEntry, SetAttr, StatFS
 from layerfs.union.core import DirHandle, FileHandle, oserror
@@ -134,6 +134,13 @@ class UnionFS(NamespaceOps):
                 os.chmod(name, stat.S_IMODE(changes.mode), dir_fd=fd)
         if changes.atime_ns is not None or changes.mtime_ns is not None or changes.atime_now or changes.mtime_now:
             utimensat(fd, name, changes.atime_ns, changes.mtime_ns, changes.atime_now, changes.mtime_now)
+        if changes == SetAttr():
+            # chown(path, -1, -1) changes nothing but is still a change: the kernel's
+            # notify_change moves ctime, and so does the same call on the upper entry
+            if name is None:
+                os.fchown(fd, -1, -1)
+            else:
+                os.chown(name, -1, -1, dir_fd=fd, follow_symlinks=False)
 
     # --- directories --------------------------------------------------------------------
 
@@ -248,6 +255,13 @@ class UnionFS(NamespaceOps):
             raise oserror(errno.EBADF, "file handle not open for writing")
         return os.pwrite(h.fd, data, offset)  # O_APPEND on the fd appends wherever asked
 
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        h = self._handle(fh)
+        if not h.writable:
+            raise oserror(errno.EBADF, "file handle not open for writing")
+        # a writable handle was opened after copy-up: its fd is the upper file
+        fallocate(h.fd, mode, offset, length)  # the upper filesystem's answer, errno and all
+
     def flush(self, fh: int) -> None:
         self._handle(fh)  # data goes straight to the real file: nothing is buffered here
 
@@ -328,6 +342,20 @@ class UnionFS(NamespaceOps):
             st = os.statvfs(fd)
             return StatFS(st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, st.f_bavail,
                           st.f_files, st.f_ffree, st.f_favail, 255)
+
+    def backing_fd(self, fh: int) -> int | None:
+        """The fd of the real file behind the open file ``fh`` when the kernel may read and
+        write that file directly (FUSE passthrough) for the handle's whole life: an upper
+        file (it stays the same file through renames, links and unlinks), or any file of a
+        union without an upper (nothing can copy it up). None for a lower file of a writable
+        union: a copy-up would move the handle to the upper copy (``_refresh``), which a
+        kernel reading the lower file directly would never see. Not part of ``UnionOps``
+        (see ``api.BackingFiles``); the fd stays the handle's, closed by ``release``."""
+        with self._lock:
+            h = self._fhs.get(fh)
+            if h is None or h.node.kind != stat.S_IFREG:
+                return None
+            return h.fd if h.upper or self._upper is None else None
 
     def drain_invalidations(self) -> list[int]:
         """Inodes whose attributes changed as a side effect since the last call: the

@@ -1,10 +1,13 @@
 """Union inodes: identity, stable inode numbers, lookup counts.
 
 A ``Node`` is one object of the union as the adapter (and the kernel's FUSE inode cache)
-knows it. Directories and lower files are identified by their place in the tree (lower
-hardlinks are separate inodes, as in the kernel with ``index=off``: copy-up breaks them);
-upper files by the real file that backs them (``(st_dev, st_ino)``), so upper hardlinks
-looked up under several names are one node. Every node
+knows it. Directories and lower files are identified by their place in the tree, except
+lower hardlinks: every visible name of one lower inode with several links is one node
+(``InodeTable.by_lower``, as kernel overlayfs with ``index=on``), and copy-up keeps them one
+file (``UnionCore._link_aliases`` links the copy at every visible name of that lower inode,
+so the upper itself holds the hardlink: it survives a remount without an index). Upper
+files are identified by the real file that backs them (``(st_dev, st_ino)``), so upper
+hardlinks looked up under several names are one node. Every node
 keeps parent pointers instead of paths: a rename moves one pointer, and the real
 directories are reached by walking fds down from the nearest cached ancestor.
 
@@ -14,12 +17,13 @@ Inode numbers (``st_ino`` = the FUSE inode number):
 - otherwise the real ``st_ino`` of the entry's *origin*: for a lower entry the lower file;
   for a directory that merges lower directories the topmost of those (as the kernel
   reports); for an upper file copied up from a lower one the number recorded at copy-up
-  (see below), so copy-up and remount never change it (except, as in the kernel, for a
-  lower file with several links: after a remount its copy shows its own number); for a
+  (see below), so copy-up and remount never change it (a lower hardlink too: every name of
+  its copy carries the same record); for a
   file created in the upper its own ``st_ino``;
 - layers on another filesystem than the first one get their device folded in
   (``dev_index << 48 ^ ino``); a number already held by another live node (two filesystems
-  with the same inode number, the second name of a lower hardlink) is replaced by a fresh
+  with the same inode number; a lower hardlink found under a name its copy-up could not
+  link, e.g. below a directory renamed before the copy-up) is replaced by a fresh
   one from ``2**63`` up, which is stable only for the life of the mount (and, once the file
   is copied up, recorded in its origin record like any other number).
 
@@ -52,7 +56,8 @@ class Node:
     """One union object. Mutated only under the model's lock."""
 
     __slots__ = ("number", "kind", "links", "nlookup", "pins", "children", "upper", "lower",
-                 "chain", "opaque", "redirect", "dead", "busy", "gen", "backing", "upper_wh", "handles")
+                 "chain", "opaque", "redirect", "dead", "busy", "gen", "backing", "upper_wh", "handles",
+                 "lower_key", "indexed")
 
     def __init__(self, kind: int, parent: Node | None, name: bytes) -> None:
         self.number = 0
@@ -73,6 +78,9 @@ class Node:
         self.backing: tuple[int, int] | None = None  # upper non-directories: real (st_dev, st_ino)
         self.upper_wh: bool | None = None  # directories: the upper dir may hold .wh.* files
         self.handles: set[int] = set()  # open file handles (getattr of an unlinked file)
+        # lower non-directories with several links, not copied up: the lower (st_dev, st_ino)
+        self.lower_key: tuple[int, int] | None = None
+        self.indexed = False  # upper non-directories: one of the real file's links is our index's
 
     @property
     def parent(self) -> Node | None:
@@ -108,6 +116,7 @@ class InodeTable:
     def __init__(self, primary_dev: int, on_drop: Callable[[Node], None]) -> None:
         self.nodes: dict[int, Node] = {}
         self.by_backing: dict[tuple[int, int], Node] = {}
+        self.by_lower: dict[tuple[int, int], Node] = {}  # lower hardlinks: one node per inode
         self._devs: dict[int, int] = {primary_dev: 0}
         self._fresh = FRESH_BASE
         self._on_drop = on_drop
@@ -130,6 +139,8 @@ class InodeTable:
         self.nodes[wanted] = node
         if node.backing is not None:
             self.by_backing[node.backing] = node
+        if node.lower_key is not None:
+            self.by_lower[node.lower_key] = node
 
     def get(self, number: int) -> Node:
         node = self.nodes.get(number)
@@ -141,6 +152,8 @@ class InodeTable:
         """``node`` no longer answers for its real file (unlinked, or copied up)."""
         if node.backing is not None and self.by_backing.get(node.backing) is node:
             del self.by_backing[node.backing]
+        if node.lower_key is not None and self.by_lower.get(node.lower_key) is node:
+            del self.by_lower[node.lower_key]
 
     def maybe_drop(self, node: Node) -> None:
         """Forget ``node`` if nothing refers to it any more, then its parents likewise."""

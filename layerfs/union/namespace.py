@@ -180,6 +180,8 @@ class NamespaceOps(UnionCore):
                         continue
                     if want_dir and self._list(child):
                         raise oserror(errno.ENOTEMPTY, "directory not empty", name)
+                    if child.lower_key is not None and self._ensure_upper(child):
+                        continue  # a lower hardlink: its other names keep the count (kernel: index=on)
                     self._remove_entry(p, name, child)
                     return
                 finally:
@@ -193,7 +195,7 @@ class NamespaceOps(UnionCore):
         alive = False
         if child.upper:
             if not child.is_dir:
-                alive = os.stat(name, dir_fd=pfd, follow_symlinks=False).st_nlink > 1
+                alive = os.stat(name, dir_fd=pfd, follow_symlinks=False).st_nlink > 1 + child.indexed
             if needs_whiteout:
                 upper.replace_with_whiteout(pfd, name)
             else:
@@ -265,6 +267,8 @@ class NamespaceOps(UnionCore):
         self._copy_up_dirs(pn)
         if self._ensure_upper(src) or (exchange and tgt is not None and self._ensure_upper(tgt)):
             return False
+        if tgt is not None and tgt.lower_key is not None and self._ensure_upper(tgt):
+            return False  # a lower hardlink replaced: as unlink
         if src.is_dir and self._mark_moved_dir(src, pn, po is pn):
             return False
         if exchange and tgt is not None and tgt.is_dir and self._mark_moved_dir(tgt, po, po is pn):

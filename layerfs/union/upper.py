@@ -6,6 +6,10 @@ the conventions named by ``layerfs.union.whiteout``:
 - ``WORK/work/``: the kernel's own scratch directory (mode 000). Entries are prepared there
   under ``#<hex>`` names and renamed into place; at start it is emptied, as the kernel does
   at mount (anything in it is the garbage of an interrupted change).
+- ``WORK/layerfs-index/<dev>-<ino>`` (ours; the kernel's index=on keeps ``WORK/index``): a
+  hardlink of every copied-up lower hardlink, by the lower file's st_dev/st_ino, so a name
+  of it met later (below a directory renamed before the copy-up, after a remount) is linked
+  to the copy instead of showing the lower file;
 - deleting a name that a lower layer provides leaves a whiteout in its place, made
   atomically with ``renameat2(RENAME_WHITEOUT)`` when an upper entry is replaced (device
   whiteouts), a 0/0 ``mknod`` otherwise; with ``LayerFormat.device_whiteouts`` False a
@@ -42,6 +46,9 @@ from layerfs.union import whiteout
 from layerfs.union.whiteout import DEVICE_WHITEOUT, FILE_WHITEOUT, NO_WHITEOUT, WH, LayerFormat
 
 WORK_SUBDIR = "work"
+# hardlinks of copied-up lower hardlinks, named "<lower st_dev hex>-<lower st_ino hex>":
+# UnionCore links the names of a lower hardlink it meets later to this copy
+INDEX_SUBDIR = "layerfs-index"
 
 
 class Upper:
@@ -63,6 +70,15 @@ class Upper:
             except FileExistsError:
                 pass
             self.work_fd = os.open(WORK_SUBDIR, DIR_FLAGS, dir_fd=base)
+            try:
+                os.mkdir(INDEX_SUBDIR, 0o700, dir_fd=base)
+            except FileExistsError:
+                pass
+            try:
+                self.index_fd = os.open(INDEX_SUBDIR, DIR_FLAGS, dir_fd=base)
+            except BaseException:
+                os.close(self.work_fd)
+                raise
         except BaseException:
             os.close(self.root_fd)
             raise
@@ -72,10 +88,10 @@ class Upper:
         self._empty_work()
 
     def close(self) -> None:
-        for fd in (self.root_fd, self.work_fd):
+        for fd in (self.root_fd, self.work_fd, self.index_fd):
             if fd >= 0:
                 os.close(fd)
-        self.root_fd = self.work_fd = -1
+        self.root_fd = self.work_fd = self.index_fd = -1
 
     def _empty_work(self) -> None:
         for name in os.listdir(self.work_fd):

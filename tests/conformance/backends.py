@@ -6,8 +6,10 @@ remembers everything it has live; ``close()`` (called from the pytest fixture fi
 whatever happened) unmounts it all, reaps FUSE daemons and then asserts that nothing is
 left: no mount on any target, no daemon process.
 
-- ``KernelBackend``: ``layerfs.mount.kernel`` with ``redirect_dir=on,index=off`` (the oracle).
-- ``FuseBackend``: ``python -m layerfs.fuse.main --print-pid --log L -o lowerdir=..,upperdir=..,
+- ``KernelBackend``: ``layerfs.mount.kernel`` with ``redirect_dir=on,index=off`` (the oracle),
+  or ``index=on`` where ``MountParams.index`` asks (cases about lower hardlinks: the FUSE
+  model keeps them one file across copy-up, as the kernel does with an index).
+- ``FuseBackend``: ``python -m layerfs.fuse.main --print-pid --transport T --log L -o lowerdir=..,upperdir=..,
   workdir=.. TARGET``, which returns once the mount is live and leaves a daemon behind. The
   test process is a child subreaper while it starts, so the detached daemon becomes our
   child and is reaped after ``fusermount3 -u``; its log stays in the test's workspace.
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from layerfs.errors import FailedPrecondition
 from layerfs.linux.mountinfo import mount_table
 from layerfs.mount import kernel
 from layerfs.mount.spec import MountSpec
@@ -40,6 +43,8 @@ from .facade import Facade, OsFacade
 from .model_facade import ModelFacade
 
 KERNEL_OPTIONS = ("redirect_dir=on", "index=off")
+INDEX_OPTIONS = ("redirect_dir=on", "index=on")
+INDEX_BUSY_SECONDS = 5.0
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 DAEMON_EXIT_TIMEOUT = 15.0
@@ -56,6 +61,7 @@ class MountParams:
     upper: Path | None
     work: Path | None
     target: Path
+    index: bool = False  # kernel overlayfs with index=on (lower hardlinks stay one file)
 
     def __post_init__(self) -> None:
         for p in (*self.lowers, self.upper, self.work, self.target):
@@ -162,9 +168,19 @@ class KernelBackend(Backend):
             [str(p) for p in params.lowers],
             str(params.upper) if params.upper else None,
             str(params.work) if params.work else None,
-            extra=list(KERNEL_OPTIONS),
+            extra=list(INDEX_OPTIONS if params.index else KERNEL_OPTIONS),
         )
-        kernel.mount(spec, str(params.target))
+        deadline = time.monotonic() + (INDEX_BUSY_SECONDS if params.index else 0)
+        while True:
+            try:
+                kernel.mount(spec, str(params.target))
+                break
+            except FailedPrecondition as e:
+                # index=on claims the upper and work dirs exclusively; the superblock of the
+                # mount just unmounted from them may let go a moment after umount2 returned
+                if "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         return Mounted(params, OsFacade(str(params.target)))
 
     def _unmount(self, m: Mounted) -> None:
@@ -238,19 +254,24 @@ def daemon_pids(target: Path) -> list[int]:
 
 
 class FuseBackend(Backend):
+    """``transport``: pyfuse3 (backend ``fuse``) or kernel (backend ``fuse-kernel``)."""
+
     name = "fuse"
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, transport: str = "pyfuse3") -> None:
         super().__init__()
         self.log_dir = log_dir
         self.count = 0
+        self.transport = transport
+        if transport != "pyfuse3":
+            self.name = f"fuse-{transport}"
 
     def _mount(self, params: MountParams) -> Mounted:
         self.count += 1
         stem = self.log_dir / f"layerfs-fuse-{self.count}"
         out_path, err_path, daemon_log = (stem.with_suffix(s) for s in (".out", ".err", ".log"))
         cmd = [sys.executable, "-m", "layerfs.fuse.main", "--print-pid", "--log", str(daemon_log),
-               "-o", fuse_options(params), str(params.target)]
+               "--transport", self.transport, "-o", fuse_options(params), str(params.target)]
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             was_subreaper = _set_subreaper(True)
             try:
@@ -332,7 +353,7 @@ def _kill(pid: int) -> None:
     _reap(pid, 5.0)
 
 
-BACKEND_NAMES = ("kernel", "fuse", "model")
+BACKEND_NAMES = ("kernel", "fuse", "fuse-kernel", "model")
 
 
 def make_dirs(base: Path, *names: str) -> list[Path]:
@@ -347,7 +368,7 @@ def make_dirs(base: Path, *names: str) -> list[Path]:
 
 
 def params_for(base: Path, lowers: Sequence[Path], *, upper: Path | None = None, readonly: bool = False,
-               tag: str = "") -> MountParams:
+               tag: str = "", index: bool = False) -> MountParams:
     """Describe a mount of ``lowers`` on a fresh ``base/mnt<tag>``: read-only, or writable into
     ``upper`` (a fresh ``base/upper<tag>`` unless given) with a fresh ``base/work<tag>``."""
     (target,) = make_dirs(base, f"mnt{tag}")
@@ -356,4 +377,4 @@ def params_for(base: Path, lowers: Sequence[Path], *, upper: Path | None = None,
     if upper is None:
         (upper,) = make_dirs(base, f"upper{tag}")
     (work,) = make_dirs(base, f"work{tag}")
-    return MountParams(tuple(lowers), upper, work, target)
+    return MountParams(tuple(lowers), upper, work, target, index)

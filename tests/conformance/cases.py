@@ -218,6 +218,70 @@ def truncate_lower_files(s: Session) -> None:
     s.truncate("missing", 0)
 
 
+# fallocate(2) modes (linux/falloc.h)
+KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE, INSERT_RANGE = 0x01, 0x02, 0x08, 0x10, 0x20
+
+
+@case()
+def fallocate_modes(s: Session) -> None:
+    """fallocate reaches the upper file with its mode: sizes, allocated blocks and the
+    zeroes of punched and zeroed ranges are the upper filesystem's, and so are the errnos
+    (the VFS refuses bad combinations before any filesystem sees them)."""
+    s.write_file("falloc", bytes(range(256)) * 256)  # 64 KiB
+    s.fallocate("falloc", 0, 0, 131072)  # grows the file to 128 KiB
+    s.fallocate("falloc", KEEP_SIZE, 131072, 65536)  # blocks beyond EOF, size kept
+    s.fallocate("falloc", PUNCH_HOLE | KEEP_SIZE, 4096, 8192)
+    s.fallocate("falloc", ZERO_RANGE, 16384, 4096)
+    s.fallocate("falloc", ZERO_RANGE | KEEP_SIZE, 196608, 4096)
+    s.fallocate("falloc", ZERO_RANGE, 200000, 1000)  # grows the file
+    s.read_file("falloc")
+    s.lstat("falloc")
+    s.fallocate("falloc", PUNCH_HOLE, 0, 4096)  # EOPNOTSUPP: a hole must keep the size
+    s.fallocate("falloc", PUNCH_HOLE | ZERO_RANGE | KEEP_SIZE, 0, 4096)  # EOPNOTSUPP
+    s.fallocate("falloc", 0, -1, 4096)  # EINVAL
+    s.fallocate("falloc", 0, 0, 0)  # EINVAL
+    s.fallocate("falloc", 0x1000, 0, 4096)  # EOPNOTSUPP: no such mode
+    s.fallocate("dir", 0, 0, 4096)  # EISDIR (the open)
+    s.read_file("falloc")
+
+
+@case()
+def fallocate_lower_file(s: Session) -> None:
+    """Opening a lower file for writing copies it up; fallocate then changes the copy."""
+    s.fallocate("file", 0, 0, 8192)
+    s.read_file("file")
+    s.fallocate("merged/both", PUNCH_HOLE | KEEP_SIZE, 0, 4096)
+    s.read_file("merged/both")
+    s.fallocate("dir/a", ZERO_RANGE | KEEP_SIZE, 0, 2)
+    s.read_file("dir/a")
+
+
+@case()
+def fallocate_collapse_insert(s: Session) -> None:
+    """COLLAPSE_RANGE and INSERT_RANGE shift data by whole blocks (ext4, xfs)."""
+    s.write_file("shift", b"".join(bytes([i]) * 4096 for i in range(16)))
+    s.fallocate("shift", COLLAPSE_RANGE, 4096, 8192)
+    s.read_file("shift")
+    s.fallocate("shift", INSERT_RANGE, 0, 4096)
+    s.read_file("shift")
+    s.fallocate("shift", COLLAPSE_RANGE, 1, 4096)  # EINVAL: not block aligned
+    s.fallocate("shift", COLLAPSE_RANGE | KEEP_SIZE, 0, 4096)  # EINVAL: collapse goes alone
+    s.lstat("shift")
+
+
+@case()
+def chown_nothing_changes_ctime(s: Session) -> None:
+    """chown(path, -1, -1) changes no owner but is still a change: ctime moves (the kernel's
+    overlay copies a lower file up and passes the empty change to the upper)."""
+    s.ctime_bumped("owned", "chown", -1, -1)  # lower: copied up
+    s.ctime_bumped("owned", "chown", -1, -1)  # upper now
+    s.write_file("upperfile", b"data")
+    s.ctime_bumped("upperfile", "chown", -1, -1)
+    s.ctime_bumped("dir", "chown", -1, -1)
+    s.ctime_bumped("dir", "chown", -1, -1)
+    s.lstat("owned")
+
+
 @case()
 def open_errors(s: Session) -> None:
     """open(2) errors: missing parents, directories, files used as directories."""
@@ -438,7 +502,7 @@ def open_unlinked_upper_file(s: Session) -> None:
     s.listdir("")
 
 
-@case()
+@case(index=True)
 def open_unlinked_lower_file(s: Session) -> None:
     """An open lower file stays readable after its name is unlinked (whited out)."""
     s.open_unlink_read("file")

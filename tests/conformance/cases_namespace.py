@@ -50,7 +50,7 @@ def unlink_lower_file(s: Session) -> None:
     s.listdir("")
 
 
-@case()
+@case(index=True)
 def unlink_special_entries(s: Session) -> None:
     """Symlinks, fifos, devices, long names and one name of a hardlink are unlinked alike."""
     for p in ("link_rel", "fifo", "chardev", "blockdev", LONG_NAME, "dir/hl3", "top"):
@@ -120,7 +120,7 @@ def mkdir_after_rmdir_is_opaque(s: Session) -> None:
     s.lstat("merged")
 
 
-@case()
+@case(index=True)
 def rmdir_dirs_with_whiteouts(s: Session) -> None:
     """Removing directories whose lower children were unlinked (whiteouts below)."""
     s.unlink("opaque/kept")
@@ -281,7 +281,7 @@ def rename_exchange(s: Session) -> None:
     s.rename("file", "nothing", RENAME_EXCHANGE)
 
 
-@case()
+@case(index=True)
 def rename_same_inode_is_noop(s: Session) -> None:
     """rename between two names of one inode does nothing and succeeds."""
     s.rename("hl1", "hl2")
@@ -332,10 +332,10 @@ def link_lower_file(s: Session) -> None:
     s.read_file("file_link")
 
 
-@case()
+@case(index=True)
 def lower_hardlinks(s: Session) -> None:
     """Hardlinks within a lower layer: link counts, contents and st_ino before and after one
-    name is copied up (overlayfs with index=off breaks the link: the copy is a new inode)."""
+    name is copied up, and after a remount: they stay one file (kernel: index=on)."""
     for p in ("hl1", "hl2", "dir/hl3"):
         s.lstat(p)
     before = s.quiet.ino("hl1")
@@ -349,6 +349,51 @@ def lower_hardlinks(s: Session) -> None:
     s.remount()
     for p in ("hl1", "hl2", "dir/hl3"):
         s.lstat(p)
+        s.read_file(p)
+    s.note("hl1 and dir/hl3 share st_ino after the remount", s.quiet.ino("hl1") == s.quiet.ino("dir/hl3"))
+    s.note_ino_kept("hl1 across the remount", before, s.quiet.ino("hl1"))
+    s.write_file("dir/hl3", b"again\n", APPEND)
+    for p in ("hl1", "hl2", "dir/hl3"):
+        s.read_file(p)
+
+
+@case(index=True)
+def lower_hardlinks_below_renamed_dir(s: Session) -> None:
+    """A name of a lower hardlink below a directory renamed before the copy-up (and looked
+    up there) stays the same file after writing another name, and after a remount."""
+    s.rename("dir", "dir2")
+    s.lstat("dir2/hl3")
+    s.write_file("hl2", b"changed\n", APPEND)
+    for p in ("hl1", "hl2", "dir2/hl3"):
+        s.read_file(p)
+        s.lstat(p)
+    s.remount()
+    s.write_file("dir2/hl3", b"again\n", APPEND)
+    for p in ("hl1", "hl2", "dir2/hl3"):
+        s.read_file(p)
+        s.lstat(p)
+    s.note("hl1 and dir2/hl3 share st_ino after the remount", s.quiet.ino("hl1") == s.quiet.ino("dir2/hl3"))
+
+
+@case(index=True)
+def lower_hardlinks_partly_visible(s: Session) -> None:
+    """Copy-up of a lower hardlink when one of its names is whited out and another renamed:
+    the visible names stay one file, in this mount and after a remount (kernel: index=on)."""
+    s.unlink("hl2")
+    s.rename("dir/hl3", "dir/moved")
+    for p in ("hl1", "dir/moved"):
+        s.lstat(p)
+    s.write_file("hl1", b"changed\n", APPEND)
+    for p in ("hl1", "hl2", "dir/moved"):
+        s.read_file(p)
+        s.lstat(p)
+    s.note("hl1 and dir/moved share st_ino", s.quiet.ino("hl1") == s.quiet.ino("dir/moved"))
+    s.remount()
+    s.write_file("dir/moved", b"again\n", APPEND)
+    for p in ("hl1", "hl2", "dir/moved"):
+        s.read_file(p)
+        s.lstat(p)
+    s.note("hl1 and dir/moved share st_ino after the remount", s.quiet.ino("hl1") == s.quiet.ino("dir/moved"))
 
 
 @case()

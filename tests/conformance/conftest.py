@@ -96,6 +96,17 @@ def fuse(workspace: Path) -> Iterator[FuseBackend]:
 
 
 @pytest.fixture
+def fuse_kernel(workspace: Path) -> Iterator[FuseBackend]:
+    """The layerfs-fuse program on its kernel-protocol transport (``--transport kernel``)."""
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(reason)
+    backend = FuseBackend(workspace, "kernel")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
 def model(workspace: Path) -> Iterator[ModelBackend]:
     """layerfs.union.fs.UnionFS driven in-process through the ModelFacade."""
     reason = model_unavailable()

@@ -29,6 +29,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -280,6 +281,15 @@ class Facade(ABC):
     @abstractmethod
     def chmod(self, path: str, mode: int) -> None: ...
     @abstractmethod
+    def fallocate(self, path: str, mode: int, offset: int, length: int) -> tuple[int, int]:
+        """open(path, O_RDWR), fallocate(2) with ``mode``, close: ``(st_size, space allocated
+        in 32 KiB units, rounded)`` after it (fstat of the open file). Loose on purpose:
+        ext4 may allocate a block more or less for its extent tree (ZERO_RANGE)."""
+    @abstractmethod
+    def ctime_bumped(self, path: str, op: str, *args: Any) -> bool:
+        """Whether ``op(path, *args)`` (a method of this facade, e.g. ``chown``) moves the
+        lstat ctime of ``path`` forward (its own result or errno is not recorded)."""
+    @abstractmethod
     def chown(self, path: str, uid: int, gid: int) -> None:
         """-1 leaves that id alone (follows symlinks, like chown(2))."""
     @abstractmethod
@@ -426,6 +436,23 @@ class OsFacade(Facade):
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         os.chown(self._p(path), uid, gid)
+
+    def fallocate(self, path: str, mode: int, offset: int, length: int) -> tuple[int, int]:
+        from layerfs.linux.files import fallocate
+
+        fd = os.open(self._p(path), os.O_RDWR)
+        try:
+            fallocate(fd, mode, offset, length)
+            st = os.fstat(fd)
+            return st.st_size, round(st.st_blocks * 512 / 32768)
+        finally:
+            os.close(fd)
+
+    def ctime_bumped(self, path: str, op: str, *args: Any) -> bool:
+        before = os.lstat(self._p(path)).st_ctime_ns
+        time.sleep(0.02)  # past the filesystem's timestamp granularity
+        getattr(self, op)(path, *args)
+        return os.lstat(self._p(path)).st_ctime_ns > before
 
     def truncate(self, path: str, size: int) -> None:
         os.truncate(self._p(path), size)

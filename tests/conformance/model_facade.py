@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -406,6 +407,26 @@ class ModelFacade(Facade):
                 if killed != perm:
                     changes["mode"] = killed
             self._setattr(a.st_ino, **changes)
+
+    def fallocate(self, path: str, mode: int, offset: int, length: int) -> tuple[int, int]:
+        with self._op():
+            fh, ino = self._open_for_write(path, os.O_RDWR, 0)
+            try:
+                self.fs.fallocate(fh, mode, offset, length)
+                a = self.fs.getattr(ino)
+                return a.st_size, round(a.st_blocks * 512 / 32768)
+            finally:
+                self.fs.release(fh)
+
+    def ctime_bumped(self, path: str, op: str, *args: Any) -> bool:
+        before = self.lstat_ctime_ns(path)
+        time.sleep(0.02)
+        getattr(self, op)(path, *args)
+        return self.lstat_ctime_ns(path) > before
+
+    def lstat_ctime_ns(self, path: str) -> int:
+        with self._op():
+            return self._resolve(path, follow=False)[0].st_ctime_ns
 
     def truncate(self, path: str, size: int) -> None:
         with self._op():

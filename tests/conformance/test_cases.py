@@ -1,7 +1,8 @@
 """Every conformance case on every backend; kernel overlayfs is the oracle.
 
 ``test_case[<case>-kernel]`` runs the case on kernel overlayfs alone (it must always pass).
-``test_case[<case>-fuse]`` and ``[<case>-model]`` run it on the kernel first, then on the
+``test_case[<case>-fuse]`` (pyfuse3), ``[<case>-fuse-kernel]`` (the kernel-protocol
+transport) and ``[<case>-model]`` run it on the kernel first, then on the
 other backend from identical fresh layers, and fail listing every difference between the
 two observation logs (operation results, merged tree, upper directory on disk).
 """
@@ -35,7 +36,7 @@ def test_case(case: Case, backend_name: str, request: pytest.FixtureRequest, wor
     if known:
         request.applymarker(pytest.mark.xfail(strict=True, reason=known))
     kernel: Backend = request.getfixturevalue("kernel")
-    other: Backend | None = None if backend_name == "kernel" else request.getfixturevalue(backend_name)
+    other: Backend | None = None if backend_name == "kernel" else request.getfixturevalue(backend_name.replace("-", "_"))
     expected = run_case(case, kernel, workspace / "kernel")
     if other is None:
         return

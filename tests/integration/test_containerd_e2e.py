@@ -1,12 +1,16 @@
 """A real containerd runs a real container on layerfs, through ``layerfs snapshotter serve``.
 
-Per backend (kernel overlayfs mounts; ``fuse3.layerfs-fuse`` mounts when the FUSE backend
-works): a private containerd (Debian's, its own root/state/socket under the test's tmp dir, CRI
+Per backend (kernel overlayfs mounts; ``fuse3./abs/path/to/layerfs-fuse`` mounts when the FUSE
+backend works): a private containerd (Debian's, its own root/state/socket under the test's tmp dir, CRI
 off, ``[proxy_plugins.layerfs]`` pointing at our server) imports a two-layer busybox image built
 by umoci (layer 2 deletes a file of layer 1: a whiteout) with ``ctr images import --snapshotter
 layerfs``, runs ``ctr run --snapshotter layerfs --rm`` on it (runc), drives ``ctr snapshots``,
 survives a restart of containerd and one of our server, and removes the images: containerd's
-garbage collector reaches our Remove and Cleanup and the store ends up empty. Finalizers stop
+garbage collector reaches our Remove and Cleanup and the store ends up empty. containerd, its
+shims and ctr run with a minimal default environment (``PATH=/usr/sbin:/usr/bin:/sbin:/bin``, no
+venv directory): with the FUSE backend, their ``mount.fuse3`` finds layerfs-fuse by the absolute
+path in the mount type, and the test checks that the container's rootfs is a layerfs-fuse mount
+served by that program, started without our PATH. Finalizers stop
 every process by PID and unmount everything under the tmp dir; the test asserts nothing was left.
 """
 
@@ -15,20 +19,26 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from layerfs.mount import fuse
 from layerfs.store import Store
 from layerfs.store.fsck import fsck
 from tests.support.containerd_util import (
+    DEFAULT_PATH,
     Containerd,
     SnapshotterServer,
     Teardown,
+    argv_of,
     containerd_version,
+    environ_of,
     mount_fstype,
+    pids_mentioning,
     retry,
     wait_until,
 )
@@ -45,6 +55,7 @@ needs_containerd = pytest.mark.skipif(
 )
 pytestmark = [needs_root, needs_umoci, needs_skopeo, needs_containerd, pytest.mark.slow]
 
+VENV_BIN = os.path.dirname(sys.executable)  # where layerfs-fuse is installed: never on containerd's PATH
 REPO_NAME = "docker.io/layerfs-test/busybox"
 IMAGE = f"{REPO_NAME}:v1"
 DOCKER_IMAGE = "docker.io/layerfs-test/busybox-docker:v1"
@@ -168,7 +179,8 @@ def test_containerd_runs_a_container_on_layerfs(env: Env, archives: tuple[Path, 
     # -- run: a container on an active snapshot over the two layers
     result = ctd.run(IMAGE, c1, "/bin/busybox", "sh", "-c", SCRIPT)
     assert result.stdout.splitlines() == EXPECTED, result.stdout + result.stderr
-    expected_type = "fuse3.layerfs-fuse" if server.backend == "fuse" else "overlay"
+    # the FUSE type names the program absolutely: mount.fuse3 runs it with containerd's PATH
+    expected_type = f"fuse3.{fuse.program_path()}" if server.backend == "fuse" else "overlay"
     assert {r[0] for r in rows(ctd.snapshots("ls").stdout)} == {bottom, top}  # --rm: c1's snapshot is gone ...
     wait_until(lambda: not [k for k in env.store_keys() if k.endswith("/" + c1)], "GC to remove c1")  # ours too
     assert "DEBUG Remove 'test/" in server.log_text()
@@ -199,6 +211,16 @@ def test_containerd_runs_a_container_on_layerfs(env: Env, archives: tuple[Path, 
     ctd.run_detached(IMAGE, c2, "/bin/busybox", "sh", "-c", "echo mark > /marker; exec sleep 300")
     fstype = "fuse.layerfs-fuse" if server.backend == "fuse" else "overlay"
     wait_until(lambda: mount_fstype(ctd.rootfs(c2)) == fstype, f"{fstype} mounted at {c2}'s rootfs")
+    (shim,) = [p for p in pids_mentioning(str(ctd.address)) if "containerd-shim" in " ".join(argv_of(p))
+               and c2 in argv_of(p)]
+    # containerd gives its shims its own PATH behind /opt/containerd/bin: no venv directory
+    shim_path = environ_of(shim)["PATH"]
+    assert shim_path.endswith(DEFAULT_PATH) and VENV_BIN not in shim_path.split(":"), shim_path
+    if server.backend == "fuse":
+        # the shim mounted the rootfs: mount.fuse3 ran the program named in the type through
+        # /bin/sh, with the shim's PATH
+        (daemon,) = [p for p in pids_mentioning(str(ctd.rootfs(c2))) if fuse.program_path() in argv_of(p)]
+        assert environ_of(daemon)["PATH"] == shim_path
     (key,) = [k for k in env.store_keys() if k.endswith("/" + c2)]
     with Store(str(server.root)) as store:
         snap = store.get_snapshot(key)

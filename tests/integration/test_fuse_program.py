@@ -454,6 +454,32 @@ def test_failures_are_reported_and_leave_nothing_mounted(tmp_path: Path, fuse: F
 
 
 @needs_fuse
+def test_symlinked_layers_as_containers_storage_names_them(tmp_path: Path, fuse: Fuse) -> None:
+    """containers/storage passes ``overlay/l/<id>`` links to ``../<layer>/diff`` (and ``,,volatile``):
+    resolved at mount; inside the layers no symlink is followed."""
+    top, bottom = two_lowers(tmp_path / "layers")
+    links = tmp_path / "l"
+    links.mkdir()
+    (links / "TOP").symlink_to(top)
+    (links / "BOTTOM").symlink_to(os.path.relpath(bottom, links))
+    (top / "escape").symlink_to("/etc")  # a symlink inside a layer stays a symlink
+    upper, work, mp = tmp_path / "c/diff", tmp_path / "c/work", tmp_path / "c/merged"
+    for d in (upper, work, mp):
+        d.mkdir(parents=True)
+    (tmp_path / "upper-link").symlink_to(upper)
+    r = fuse.run("-o", f"lowerdir={links / 'TOP'}:{links / 'BOTTOM'},upperdir={tmp_path / 'upper-link'},"
+                       f"workdir={work},,volatile", str(mp))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("layerfs-fuse: warning: volatile: ") and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(os.listdir(mp)) == ["a", "b", "d", "escape", "o"] and (mp / "b").read_text() == "bottom\n"
+    assert os.readlink(mp / "escape") == "/etc" and (mp / "escape").is_symlink()
+    (mp / "new").write_text("new\n")
+    assert (upper / "new").read_text() == "new\n"
+    fuse.daemon_of(mp)
+    subprocess.run([FUSERMOUNT, "-u", str(mp)], check=True)
+
+
+@needs_fuse
 def test_access_checks_as_another_uid(fuse: Fuse) -> None:
     base = Path(tempfile.mkdtemp(prefix="layerfs-fuse-uid-"))
     try:
@@ -616,3 +642,89 @@ def test_a_slow_copy_up_does_not_stall_other_requests(tmp_path: Path, fuse: Fuse
     writer.join(10)
     assert not writer.is_alive()
     unmount(mp, pid)
+
+
+# --- daemon life and resources, on both transports ---------------------------------------------
+
+TRANSPORTS = pytest.mark.parametrize("transport", fuse_main.TRANSPORTS)
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rw_mount(tmp_path: Path, fuse: Fuse, transport: str) -> tuple[Path, int]:
+    top, bottom = two_lowers(tmp_path)
+    upper, work, mp = tmp_path / "upper", tmp_path / "work", tmp_path / "mp"
+    for d in (upper, work, mp):
+        d.mkdir()
+    pid = fuse.mount(f"lowerdir={top}:{bottom},upperdir={upper},workdir={work}", mp, "--transport", transport)
+    return mp, pid
+
+
+@needs_fuse
+@TRANSPORTS
+def test_daemon_exits_promptly_after_umount(tmp_path: Path, fuse: Fuse, transport: str) -> None:
+    mp, pid = _rw_mount(tmp_path, fuse, transport)
+    assert sorted(os.listdir(mp / "d")) == ["x", "y"]
+    started = time.monotonic()
+    subprocess.run(["/usr/bin/umount", str(mp)], check=True, capture_output=True)
+    assert fuse_backend.wait_gone(pid, 5), f"daemon {pid} still runs 5 s after umount"
+    assert time.monotonic() - started < 2, "the daemon took seconds to notice the unmount"
+
+
+@needs_fuse
+@TRANSPORTS
+def test_daemon_exits_when_a_lazily_unmounted_mount_loses_its_last_user(tmp_path: Path, fuse: Fuse,
+                                                                       transport: str) -> None:
+    """``umount -l`` with a file still open: the connection lives while the file is open
+    (the daemon still serves it), and ends with the last reference: the daemon goes at once."""
+    mp, pid = _rw_mount(tmp_path, fuse, transport)
+    fd = os.open(mp / "b", os.O_RDWR)
+    try:
+        subprocess.run(["/usr/bin/umount", "-l", str(mp)], check=True, capture_output=True)
+        assert not is_mounted(mp)
+        time.sleep(0.3)
+        assert pid_alive(pid), "the daemon left while a file on its mount was still open"
+        assert os.pwrite(fd, b"still served\n", 0) == 13
+        assert os.pread(fd, 13, 0) == b"still served\n"
+    finally:
+        os.close(fd)
+    started = time.monotonic()
+    assert fuse_backend.wait_gone(pid, 5), f"daemon {pid} still runs 5 s after its last user went"
+    assert time.monotonic() - started < 2, "the daemon took seconds to notice the connection end"
+    assert (tmp_path / "upper/b").read_bytes().startswith(b"still served\n")
+
+
+@needs_fuse
+@TRANSPORTS
+def test_walking_many_directories_keeps_the_daemon_fds_bounded(tmp_path: Path, fuse: Fuse, transport: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A walk of more directories than the daemon caches: the fd and listing caches evict
+    (LRU) instead of holding one fd per directory, and the walk still sees everything."""
+    cap = 64
+    monkeypatch.setenv("LAYERFS_FD_CACHE", str(cap))
+    monkeypatch.setenv("LAYERFS_DIR_CACHE", "32")
+    lower, upper, work, mp = (tmp_path / n for n in ("lower", "upper", "work", "mp"))
+    for d in (upper, work, mp):
+        d.mkdir()
+    for i in range(30):
+        for j in range(30):
+            (lower / f"d{i}/s{j}").mkdir(parents=True)
+            (lower / f"d{i}/s{j}/f").write_text(f"{i}.{j}\n")
+    pid = fuse.mount(f"lowerdir={lower},upperdir={upper},workdir={work}", mp, "--transport", transport)
+    baseline = _open_fds(pid)
+    seen = peak = 0
+    for _ in range(2):  # the second walk re-reads evicted directories
+        for root, dirs, files in os.walk(mp):
+            seen += len(dirs)
+            peak = max(peak, _open_fds(pid))
+            if "f" in files:
+                i, j = (Path(root).parent.name[1:], Path(root).name[1:])
+                assert (Path(root) / "f").read_text() == f"{i}.{j}\n"
+    assert seen == 2 * (30 + 30 * 30)
+    after = _open_fds(pid)
+    assert peak <= baseline + cap + 16, (baseline, peak, after)
+    (mp / "d3/s4/g").write_text("new\n")  # an evicted directory still merges with the upper
+    assert sorted(os.listdir(mp / "d3/s4")) == ["f", "g"]
+    unmount(mp, pid, how="umount")

@@ -9,12 +9,15 @@ what only the Python API has: ``close``, mount descriptions per backend, namespa
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from layerfs.errors import FailedPrecondition, InvalidArgument
+from layerfs.mount import fuse as fuse_backend
+from layerfs.mount.spec import is_fuse_type
 from layerfs.store import Store
 from snapshotter.core import Snapshotter
 from tests.support.markers import needs_root
@@ -62,7 +65,14 @@ def test_mount_descriptions(tmp_path: Path) -> None:
     assert spec.type == "overlay" and spec.readonly and len(spec.lowers) == 2
     fuse = Snapshotter(store, backend="fuse")
     (spec,) = fuse.prepare("b2", "c2")
-    assert spec.type == "fuse3.layerfs-fuse" and spec.lowers and spec.upper
+    # the program named absolutely: mount.fuse3 (run by containerd, its shims, ctr) needs no PATH
+    program = fuse_backend.program_path()
+    assert spec.type == f"fuse3.{program}" and spec.lowers and spec.upper
+    assert os.path.isabs(program) and os.access(program, os.X_OK) and is_fuse_type(spec.type)
+    (spec,) = Snapshotter(store, backend="fuse", fuse_program="/opt/x.y/bin/layerfs-fuse").view("v3", "c2")
+    assert spec.type == "fuse3./opt/x.y/bin/layerfs-fuse"
+    (spec,) = fuse.view("v4", "c")  # one layer: a bind mount, whatever the backend
+    assert spec.type == "bind"
     with pytest.raises(InvalidArgument):
         Snapshotter(store, backend="zfs")
     # keys are never file names: odd keys work

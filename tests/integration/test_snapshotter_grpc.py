@@ -489,6 +489,62 @@ def test_sigterm_finishes_calls_in_flight(tmp_path: Path, server: SnapshotterSer
 
 
 @needs_root
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_taken_by_another_thread_stops_the_server(server: SnapshotterServer, stub: Stub,
+                                                           signum: int) -> None:
+    """A process-wide signal may land in any thread (the kernel prefers the main thread, not
+    always): grpc's and the workers' threads too. Python runs its handler in the main thread
+    only, and a main thread blocked waiting is not woken by a signal another thread took, so
+    the server once ignored SIGTERM until it was killed. Sent here to each thread in turn
+    that is not the main one (kill(2) on a thread id tries that thread first)."""
+    layer(stub, "base")
+    assert server.proc is not None
+    pid = server.proc.pid
+    threads = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert threads, "grpc serves from threads of its own"
+    os.kill(threads[-1], signum)
+    assert server.wait(10) == 0, server.log_text()
+    assert f"{signal.Signals(signum).name}: shutting down" in server.log_text()
+    assert not server.address.exists()
+
+
+@needs_root
+def test_a_second_signal_aborts_the_calls_in_flight(server: SnapshotterServer, stub: Stub) -> None:
+    """SIGTERM waits for the calls in flight; a second one (here taken by a thread other than
+    the main one) aborts them: the client gets an error at once, and the server exits once the
+    worker, blocked on the store lock, is done."""
+    layer(stub, "base")
+    other = Store(str(server.root))
+    result: dict[str, object] = {}
+    assert server.proc is not None
+    pid = server.proc.pid
+    with other.exclusive_lock():
+        def call() -> None:
+            try:
+                result["mounts"] = prepare(stub, "late", "base")
+            except grpc.RpcError as e:
+                result["error"] = e.code()
+
+        t = threading.Thread(target=call)
+        t.start()
+        deadline = time.monotonic() + 10
+        while "Prepare 'late'" not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        while "SIGTERM: shutting down" not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.proc.poll() is None and t.is_alive(), "the first signal waits for the call"
+        threads = sorted(int(x) for x in os.listdir(f"/proc/{pid}/task") if int(x) != pid)
+        os.kill(threads[-1], signal.SIGTERM)
+        t.join(10)
+        assert not t.is_alive() and "mounts" not in result, result
+        assert "SIGTERM again: aborting the calls in flight" in server.log_text()
+    other.close()
+    assert server.wait(20) == 0, server.log_text()
+    assert not server.address.exists()
+
+
+@needs_root
 def test_stale_socket_is_replaced_live_one_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
     stale = socket.socket(socket.AF_UNIX)

@@ -33,6 +33,9 @@ from snapshotter.proto.containerd.services.snapshots.v1 import snapshots_pb2_grp
 from tests.support.paths import REPO
 
 MNT_DETACH = 2
+# the PATH of a stock containerd (and of the shims it starts): nothing of ours, no venv bin
+# directory; mount.fuse3 is in /sbin, and FUSE mount types name layerfs-fuse absolutely
+DEFAULT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -101,7 +104,8 @@ class SnapshotterServer:
                 "--address", str(self.address), "--backend", self.backend, "--log-level", "debug"]
 
     def start(self, timeout: float = 20.0) -> SnapshotterServer:
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+        # a default PATH: the server finds layerfs-fuse beside its Python, not on PATH
+        env = dict(os.environ, PATH=DEFAULT_PATH)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          cwd=REPO, env=env)
@@ -207,13 +211,12 @@ class Containerd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
-        """For containerd and ctr: the shim (containerd-shim-runc-v2), runc, mount.fuse3 and
-        layerfs-fuse are found on PATH; ctr's own temporary mounts (it mounts the rootfs to
-        read /etc/passwd) go under ``base/tmp`` instead of /tmp."""
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
-                   TMPDIR=str(self.base / "tmp"))
-        env.pop("XDG_RUNTIME_DIR", None)
-        return env
+        """For containerd and ctr, and so for the shims, runc and mount.fuse3 they run: a
+        minimal default environment, ``DEFAULT_PATH`` and nothing of ours (FUSE mounts run
+        ``mount.fuse3 ... -t /abs/path/to/layerfs-fuse``: no PATH entry needed). TMPDIR:
+        ctr's own temporary mounts (it mounts the rootfs to read /etc/passwd) go under
+        ``base/tmp`` instead of /tmp."""
+        return {"PATH": DEFAULT_PATH, "TMPDIR": str(self.base / "tmp")}
 
     def start(self, timeout: float = 30.0) -> Containerd:
         with open(self.log, "ab") as log:
@@ -285,6 +288,20 @@ class Containerd:
         return self.ctr("run", "--snapshotter", "layerfs", *(["--rm"] if rm else []),
                         "--runc-root", str(self.runc_root), "--fifo-dir", str(self.fifo_dir), "--cgroup", "",
                         image, cid, *command, timeout=timeout)
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    """The environment ``pid`` was started with (``/proc/PID/environ``)."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(entry.split("=", 1) for entry in raw.decode(errors="replace").split("\0") if "=" in entry)
+
+
+def argv_of(pid: int) -> list[str]:
+    """``/proc/PID/cmdline`` as a list (empty if the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
 
 
 def mount_fstype(target: Path) -> str | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime as _dt
 import errno
 import os
 import shutil
@@ -261,6 +262,65 @@ class SnapshotterBehaviours:
         target = m.mount(sn.mounts("k"))
         assert os.listdir(target) == []
         m.unmount(target)
+
+    def test_errors_name_the_clients_keys(self, env: Env) -> None:
+        """Every error names the key (or name, or parent) the client sent, never the store's
+        namespace-prefixed key; removing a snapshot with children says "remove" (containerd's
+        testsuite checks that, its storage says "cannot remove snapshot with child")."""
+        sn, m = env
+        base, work, view = "ns/1/committed base", "ns/2/extract 2", "ns/3/view"
+
+        def raised(cls: type[Exception], fn: Callable[..., object], *args: Any) -> str:
+            with pytest.raises(cls) as e:
+                fn(*args)
+            return str(e.value)
+
+        def names(message: str, *keys: str) -> None:
+            for key in keys:
+                assert key in message, (key, message)
+                assert f"/{key}" not in message, f"{message!r} names a prefixed {key!r}"
+
+        sn.prepare("ns/0/active", "")
+        sn.commit(base, "ns/0/active")
+        sn.prepare(work, base)
+        sn.view(view, base)
+        names(raised(AlreadyExists, sn.prepare, work, base), work)
+        names(raised(AlreadyExists, sn.view, base, ""), base)
+        names(raised(NotFound, sn.prepare, "ns/4/new", "ns/missing parent"), "ns/missing parent")
+        names(raised(InvalidArgument, sn.prepare, "ns/5/new", work), work)  # parent not committed
+        names(raised(AlreadyExists, sn.commit, base, work), base)
+        names(raised(NotFound, sn.commit, "ns/6/name", "ns/missing key"), "ns/missing key")
+        names(raised(FailedPrecondition, sn.commit, "ns/7/name", view), view)
+        names(raised(FailedPrecondition, sn.mounts, base), base)
+        names(raised(NotFound, sn.stat, "ns/missing key"), "ns/missing key")
+        names(raised(NotFound, sn.remove, "ns/missing key"), "ns/missing key")
+        names(raised(InvalidArgument, sn.update, Info("view", view, "", {}), "parent"), view)
+        message = raised(FailedPrecondition, sn.remove, base)  # has children
+        names(message, base)
+        assert "remove" in message, message
+        assert sn.stat(base).kind == "committed"
+
+    def test_commit_sets_created_and_updated_to_the_commit_time(self, env: Env) -> None:
+        """containerd's storage makes the committed snapshot anew: Created = Updated = the
+        commit's time, not Prepare's; an Update then moves Updated only."""
+        sn, m = env
+        sn.prepare("k", "")
+        prepared = sn.stat("k").created
+        assert prepared is not None
+        time.sleep(0.05)
+        slack = _dt.timedelta(microseconds=1)  # both sides truncate to microseconds
+        t1 = _dt.datetime.now(_dt.UTC)
+        sn.commit("c", "k")
+        t2 = _dt.datetime.now(_dt.UTC)
+        info = sn.stat("c")
+        assert info.created is not None and info.updated is not None
+        assert info.created == info.updated, info
+        assert t1 - slack <= info.created <= t2 + slack, (t1, info.created, t2)
+        assert info.created - prepared >= _dt.timedelta(milliseconds=40)
+        assert [i.created for i in sn.infos() if i.name == "c"] == [info.created]
+        time.sleep(0.01)
+        updated = sn.update(Info("committed", "c", "", {"x": "1"}))
+        assert updated.created == info.created and updated.updated is not None and updated.updated > info.updated
 
     def test_remove_intermediate_fails(self, env: Env) -> None:
         sn, m = env

@@ -504,6 +504,46 @@ def test_lookup_reads_every_whiteout_and_opaque_convention(tmp_path: Path) -> No
         fs.destroy()
 
 
+def test_bounded_lower_caches_evict_and_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With caches far smaller than the tree (16 listed directories, 64 fds), a walk evicts
+    and re-reads lower directories and sees exactly what an unbounded walk sees, twice."""
+    l1, l2, l3, upper, work = (tmp_path / n for n in ("l1", "l2", "l3", "upper", "work"))
+    for i in range(12):
+        for j in range(6):
+            put(l3, f"d{i}/s{j}/low", f"{i}{j}")
+            put(l2, f"d{i}/s{j}/mid", f"{i}{j}")
+        device_whiteout(l2, f"d{i}/s0/low")
+        mkd(l1, f"d{i}/s1", xattrs={"trusted.overlay.opaque": b"y"})
+        put(l1, f"d{i}/s1/top", "top")
+        put(l1, f"d{i}/.wh.s2")
+    upper.mkdir()
+    work.mkdir()
+    layers = [str(l1), str(l2), str(l3)]
+
+    def walk(capacity: str | None) -> list[dict[str, tuple[Any, ...]]]:
+        if capacity is None:
+            monkeypatch.delenv("LAYERFS_DIR_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("LAYERFS_DIR_CACHE", capacity)
+        fs = UnionFS(layers, str(upper), str(work))
+        try:
+            m = Model(fs)
+            trees = [model_tree(m), model_tree(m)]
+            before = _open_fds()
+            trees.append(model_tree(m))
+            assert _open_fds() <= before + 64
+            return trees
+        finally:
+            fs.destroy()
+
+    monkeypatch.setenv("LAYERFS_FD_CACHE", "64")
+    small = walk("16")
+    full = walk(None)
+    assert small[0] == small[1] == small[2] == full[0]
+    assert "d3/s0/low" not in full[0] and "d3/s1/top" in full[0] and "d3/s1/mid" not in full[0]
+    assert "d3/s2" not in full[0] and "d3/s3/low" in full[0] and "d3/s3/mid" in full[0]
+
+
 def _redirect_layers(base: Path) -> list[str]:
     """Lowers as committed from containers that renamed directories (redirects in lowers)."""
     l1, l2, l3 = base / "l1", base / "l2", base / "l3"
@@ -800,6 +840,41 @@ def test_hardlink_counts_across_copy_up_and_remount(tmp_path: Path) -> None:
         assert m.attr("hl_src").st_nlink == 2 and m.attr("hl_src").st_ino == m.attr("d/hl2").st_ino
         o.unlink("hl_src")
         assert m.attr("d/hl2").st_nlink == 1
+    finally:
+        fs.destroy()
+
+
+def test_lower_hardlinks_stay_one_file_across_copy_up_and_remount(tmp_path: Path) -> None:
+    """The names of a lower hardlink are one inode (one st_ino); writing one copies it up
+    once and links the copy at every other visible name (not at a whited-out one), so the
+    names stay one file after a remount too, with the lower inode's number."""
+    lower = tmp_path / "lower"
+    put(lower, "a", b"one\n")
+    mkd(lower, "d")
+    os.link(lower / "a", lower / "d" / "b")
+    os.link(lower / "a", lower / "gone")
+    fix_times(lower)
+    lowers = [str(lower)]
+    ino = os.stat(lower / "a").st_ino
+    fs = new_union(tmp_path, lowers)
+    try:
+        m, o = Model(fs), ModelOps(Model(fs))
+        assert m.attr("a").st_ino == m.attr("d/b").st_ino == ino and m.attr("a").st_nlink == 3
+        o.unlink("gone")
+        o.write("d/b", b"two\n", trunc=True)
+        assert m.read("a") == b"two\n" and m.attr("a").st_nlink == 2
+        assert m.attr("a").st_ino == m.attr("d/b").st_ino == ino
+    finally:
+        fs.destroy()
+    upper = tmp_path / "u"
+    assert os.stat(upper / "a").st_ino == os.stat(upper / "d" / "b").st_ino
+    assert os.stat(upper / "a").st_nlink == 3  # the two names and the index entry
+    fs = new_union(tmp_path, lowers)
+    try:
+        m, o = Model(fs), ModelOps(Model(fs))
+        assert m.attr("a").st_ino == m.attr("d/b").st_ino == ino
+        o.write("a", b"three\n", trunc=True)
+        assert m.read("d/b") == b"three\n"
     finally:
         fs.destroy()
 
