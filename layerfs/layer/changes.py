@@ -21,7 +21,6 @@ hardlinked inode as a hard link to the first.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import stat
@@ -34,7 +33,7 @@ import xxhash
 
 from layerfs.digest import ALGORITHM, Digest
 from layerfs.errors import FailedPrecondition, UnsafeArchive
-from layerfs.union import whiteout
+from layerfs.union import whiteout, xattrs
 from layerfs.union.view import Entry, LayerStack
 from layerfs.union.whiteout import redirect_of
 
@@ -61,23 +60,8 @@ class Change:
 
 def _xattrs(path: str) -> dict[str, bytes]:
     """Non-private xattrs of ``path`` (not following a final symlink), name -> value."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EPERM):
-            return {}
-        raise
-    out: dict[str, bytes] = {}
-    for name in names:
-        if whiteout.is_overlay_private_xattr(name):
-            continue
-        try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
-        except OSError as e:
-            # removed between list and get, or a namespace we may list but not read
-            if e.errno not in (errno.ENODATA, errno.EPERM, errno.EACCES):
-                raise
-    return out
+    return {name: value for name, value in xattrs.read_all(os.fsencode(path)).items()
+            if not whiteout.is_overlay_private_xattr(name)}
 
 
 def _abs(relpath: str) -> str:
