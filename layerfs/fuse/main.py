@@ -87,9 +87,10 @@ entries are cached for an hour), debug (as -d), default_permissions and allow_ot
 (always on; allow_other as root or with user_allow_other in /etc/fuse.conf).
 Accepted silently, as they describe what {PROG} does anyway: redirect_dir=on|follow,
 index=off, metacopy=off, xino=off|auto, nfs_export=off.
+Honoured: volatile (fsync of upper files is skipped, as kernel overlayfs does; a crash
+may lose recent writes).
 Ignored with a warning: context=, fscontext=, defcontext=, rootcontext= (SELinux labels),
-volatile (accepted, but fsync still reaches the disk: the union model has no volatile
-mode yet; safe, only slower), fuse-overlayfs tuning (fsync=, threaded=, fast_ino=,
+fuse-overlayfs tuning (fsync=, threaded=, fast_ino=,
 writeback=, noacl, static_nlink, max_threads=, max_idle_threads=, clone_fd,
 auto_unmount), other overlay parameters (index=on, metacopy=on, ...) and unknown options
 (kernel overlayfs refuses unknown options; {PROG}, like fuse-overlayfs, warns).
@@ -153,7 +154,7 @@ class Options:
     fsname: str | None = None
     flags: list[str] = field(default_factory=list)  # kernel mount flags to pass on
     userxattr: bool = False
-    volatile: bool = False  # asked for; not honoured yet (see the help text)
+    volatile: bool = False  # no fsyncs of upper files, as the kernel option
     timeout: float | None = None
     foreground: bool = False
     debug: bool = False
@@ -286,7 +287,6 @@ def _other_option(opts: Options, option: str, key: str, value: str | None) -> No
         opts.userxattr = True
     elif option == "volatile":
         opts.volatile = True
-        opts.warnings.append("volatile: accepted, but fsync still syncs (the union model has no volatile mode)")
     elif option == "debug":
         opts.debug = opts.foreground = True
     elif key == "fsname" and value:
@@ -415,7 +415,8 @@ def build_model(opts: Options) -> UnionOps:
     deadline = time.monotonic() + BUSY_RETRY_SECONDS
     while True:
         try:
-            model: UnionOps = cls(opts.lowers, upper=opts.upper, work=opts.work, fmt=fmt)
+            extra = {"volatile": True} if opts.volatile else {}  # other --model classes need not know it
+            model: UnionOps = cls(opts.lowers, upper=opts.upper, work=opts.work, fmt=fmt, **extra)
             return model
         except (OSError, LayerfsError) as e:
             busy = getattr(e, "errno", None) in (errno.EBUSY, errno.EAGAIN)

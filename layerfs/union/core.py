@@ -79,7 +79,7 @@ class DirHandle:
 
 class UnionCore:
     def __init__(self, lowers: Sequence[str], upper: str | None = None, work: str | None = None,
-                 fmt: LayerFormat | None = None) -> None:
+                 fmt: LayerFormat | None = None, volatile: bool = False) -> None:
         if isinstance(lowers, str | bytes):
             raise TypeError("lowers is a sequence of layer directories, top first")
         if not lowers and upper is None:
@@ -87,6 +87,9 @@ class UnionCore:
         if (upper is None) != (work is None):
             raise ValueError("upper and work come together (the workdir must be on the upper's filesystem)")
         self.fmt = fmt if fmt is not None else whiteout.default_format()
+        # overlayfs' ``volatile``: fsync of upper files is skipped (the data reaches the disk
+        # with the writeback the kernel does anyway); a crash may lose recent writes
+        self.volatile = volatile
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -267,7 +267,7 @@ class UnionFS(NamespaceOps):
 
     def fsync(self, fh: int, datasync: bool) -> None:
         h = self._handle(fh)
-        if h.upper:
+        if h.upper and not self.volatile:  # volatile: no syncs, like the kernel option
             (os.fdatasync if datasync else os.fsync)(h.fd)
 
     def release(self, fh: int) -> None:

@@ -1257,3 +1257,29 @@ def test_workdir_garbage_is_removed_at_start(tmp_path: Path) -> None:
         assert os.listdir(tmp_path / "w/work") == []
     finally:
         fs.destroy()
+
+
+@pytest.mark.parametrize("volatile", [False, True])
+def test_volatile_skips_fsync_of_upper_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             volatile: bool) -> None:
+    """overlayfs' ``volatile``: fsync and fdatasync of upper files never reach the disk."""
+    from layerfs.union.api import ROOT_INODE, Ctx
+    from layerfs.union.fs import UnionFS
+
+    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    for d in (lower, upper, work):
+        d.mkdir()
+    fs = UnionFS([str(lower)], upper=str(upper), work=str(work), volatile=volatile)
+    try:
+        calls: list[str] = []
+        monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
+        monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append("fdatasync"))
+        fh, _attr = fs.create(ROOT_INODE, b"f", 0o644, os.O_WRONLY, Ctx(0, 0, 0o022))
+        fs.write(fh, 0, b"data")
+        fs.fsync(fh, False)
+        fs.fsync(fh, True)
+        fs.release(fh)
+        assert calls == ([] if volatile else ["fsync", "fdatasync"])
+        assert (upper / "f").read_bytes() == b"data"
+    finally:
+        fs.destroy()
