@@ -9,7 +9,9 @@ the way a container's root filesystem is mounted:
 - ``kernel-plain``: the same overlay mounted by ``/bin/mount -t overlay`` with the same
   options (relative layer paths from their common parent when absolute ones would not fit in
   one page, as containerd does): the reference for "within 5% of plain kernel overlayfs";
-- ``layerfs-fuse``, ``fuse-overlayfs``, ``unionfs-fuse``: FUSE programs that return once the
+- ``layerfs-fuse`` (layerfs-fuse on pyfuse3), ``layerfs-kernel`` (layerfs-fuse on its own
+  kernel-protocol transport) and its lever variants ``layerfs-kernel-nodircache`` and
+  ``layerfs-kernel-nopassthrough``, ``fuse-overlayfs``, ``unionfs-fuse``: FUSE programs that return once the
   mount is live and keep serving from a daemon. The daemon's PID is found from its command
   line (it names the mount point) so that its CPU time can be read and it can be stopped.
 
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from bench.machine import is_root, processes_mentioning
-from layerfs.linux.proc import pid_alive
+from layerfs.linux.proc import command_line, pid_alive
 from layerfs.mount.spec import MountSpec, escape_path
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -250,11 +252,8 @@ class FuseProgram(Backend):
 
 
 def _has_arg(pid: int, arg: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return arg.encode() in f.read().split(b"\0")
-    except OSError:
-        return False
+    argv = command_line(pid)
+    return argv is not None and arg.encode() in argv
 
 
 def fuse_unmount(target: str) -> None:
@@ -291,8 +290,11 @@ def _stop(pids: Sequence[int], grace: float = DAEMON_EXIT_TIMEOUT) -> None:
 
 
 class LayerfsFuse(FuseProgram):
+    """layerfs-fuse on its pyfuse3 (libfuse) transport."""
+
     name = "layerfs-fuse"
     program = "layerfs-fuse"
+    options: ClassVar[tuple[str, ...]] = ("--transport", "pyfuse3")
 
     def unavailable(self) -> str | None:
         if not os.path.exists("/dev/fuse"):
@@ -304,7 +306,29 @@ class LayerfsFuse(FuseProgram):
     def command(self, stack: Stack, upper: str, work: str, target: str) -> list[str]:
         lowers = ":".join(escape_path(p) for p in stack.lowers)
         opts = f"lowerdir={lowers},upperdir={escape_path(upper)},workdir={escape_path(work)}"
-        return [sys.executable, "-m", "layerfs.fuse.main", "-o", opts, target]
+        return [sys.executable, "-m", "layerfs.fuse.main", *self.options, "-o", opts, target]
+
+
+class LayerfsKernel(LayerfsFuse):
+    """layerfs-fuse on its own kernel-protocol transport, every lever on (readdir cache,
+    passthrough when root)."""
+
+    name = "layerfs-kernel"
+    options = ("--transport", "kernel")
+
+
+class LayerfsKernelNoDirCache(LayerfsFuse):
+    """The kernel transport without the kernel's readdir cache (the lever, measured)."""
+
+    name = "layerfs-kernel-nodircache"
+    options = ("--transport", "kernel", "--dir-cache", "off")
+
+
+class LayerfsKernelNoPassthrough(LayerfsFuse):
+    """The kernel transport without passthrough (every read and write through the daemon)."""
+
+    name = "layerfs-kernel-nopassthrough"
+    options = ("--transport", "kernel", "--passthrough", "off")
 
 
 class FuseOverlayfs(FuseProgram):
@@ -326,10 +350,15 @@ class UnionfsFuse(FuseProgram):
         return [self.program, "-o", "cow,allow_other,use_ino,suid,dev", branches, target]
 
 
-ALL: tuple[type[Backend], ...] = (Native, Kernel, KernelPlain, LayerfsFuse, FuseOverlayfs, UnionfsFuse)
+ALL: tuple[type[Backend], ...] = (Native, Kernel, KernelPlain, LayerfsFuse, LayerfsKernel, LayerfsKernelNoDirCache,
+                                  LayerfsKernelNoPassthrough, FuseOverlayfs, UnionfsFuse)
 NAMES = tuple(b.name for b in ALL)
+LAYERFS_FUSE = tuple(b.name for b in ALL if issubclass(b, LayerfsFuse))
+# the lever variants of the kernel transport: full runs measure them, --quick leaves them out
+LEVERS = (LayerfsKernelNoDirCache.name, LayerfsKernelNoPassthrough.name)
+QUICK_NAMES = tuple(n for n in NAMES if n not in LEVERS)
 # comparisons printed beside the ratio to native: (backend, its reference)
-PAIRS = {"layerfs-fuse": "fuse-overlayfs", "kernel": "kernel-plain"}
+PAIRS = {**{name: "fuse-overlayfs" for name in LAYERFS_FUSE}, "kernel": "kernel-plain"}
 
 
 def by_name(names: Sequence[str]) -> list[Backend]:

@@ -92,7 +92,8 @@ def _cleanup(workdir: str) -> None:
 @click.option("--workload", "workload_names", multiple=True, type=click.Choice(WORKLOAD_NAMES),
               help="Run only this workload (repeatable; default: all).")
 @click.option("--backend", "backend_names", multiple=True, type=click.Choice(backends_mod.NAMES),
-              help="Run only this backend (repeatable; default: all; native is always run).")
+              help="Run only this backend (repeatable; default: all, without the lever variants "
+                   "layerfs-kernel-nodircache/-nopassthrough under --quick; native is always run).")
 @click.option("--rounds", type=click.IntRange(min=1), default=None,
               help="Samples per case and backend (default 5, 3 with --quick).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
@@ -109,7 +110,8 @@ def bench_cmd(quick: bool, workload_names: tuple[str, ...], backend_names: tuple
     parent = workdir or "/var/tmp"
     os.makedirs(parent, exist_ok=True)
     run_dir = tempfile.mkdtemp(prefix="layerfs-bench-", dir=parent)
-    names = ("native", *backend_names) if backend_names else backends_mod.NAMES
+    names = ("native", *backend_names) if backend_names else (backends_mod.QUICK_NAMES if quick
+                                                               else backends_mod.NAMES)
     chosen_backends = backends_mod.by_name(names)
     workloads = make_workloads(workload_names, quick)
     if not machine.is_root():

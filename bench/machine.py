@@ -24,7 +24,7 @@ from importlib import metadata
 from typing import Any
 
 from layerfs.linux.libc import libc
-from layerfs.linux.proc import pid_alive, stat_fields
+from layerfs.linux.proc import command_lines, stat_fields
 
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 DEBIAN_PACKAGES = ("fuse-overlayfs", "unionfs-fuse", "containerd", "fuse3", "util-linux")
@@ -100,20 +100,8 @@ def process_cpu(pid: int | None) -> float | None:
 
 def processes_mentioning(text: str) -> list[int]:
     """Live processes (not this one) with ``text`` in one of their command-line arguments."""
-    found = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        needle = text.encode()
-        if any(needle in a for a in args) and pid_alive(int(entry)):
-            found.append(int(entry))
-    return found
+    needle = text.encode()
+    return [pid for pid, args in command_lines() if any(needle in a for a in args)]
 
 
 def _cpu_model() -> str:

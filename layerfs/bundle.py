@@ -9,12 +9,22 @@ Before mounting, the merged rootfs is checked: ``/dev``, ``/proc`` and ``/sys`` 
 directories or absent. A symlink there would make the runtime mount procfs/sysfs/devtmpfs
 wherever the image points it, outside the rootfs (the CVE-2026-41579 class of breakouts),
 so such a rootfs is refused with a clear error.
+
+Rootless (``rootless_config``, when layerfs runs without CAP_SYS_ADMIN in the initial user
+namespace): the config asks for a user namespace mapping container root to the caller's
+uid and gid and, where ``/etc/subuid`` and ``/etc/subgid`` give the user ranges, container
+ids 1.. to those (runc maps them with ``newuidmap``/``newgidmap``), as ``runc spec
+--rootless`` does: no cgroup device rules, ``/sys`` bind-mounted instead of a new sysfs
+(which needs a network namespace of one's own), no ``gid=5`` for devpts. The rootfs is
+then a FUSE mount (``--backend auto``): the runtime's processes, container root being the
+user, may use it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import stat
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +32,7 @@ from typing import Any
 from layerfs import containers, mounting
 from layerfs.catalog import read_config, resolve_image
 from layerfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from layerfs.linux.proc import in_initial_userns
 from layerfs.store import Store
 from layerfs.union.view import LayerStack
 
@@ -138,6 +149,58 @@ def runtime_config(config: dict[str, Any], stack: LayerStack, args: list[str] | 
     }
 
 
+SUBID_FILES = {"uid": "/etc/subuid", "gid": "/etc/subgid"}
+
+
+def subid_ranges(kind: str, user: str, ident: int, path: str | None = None) -> list[tuple[int, int]]:
+    """The subordinate ``(start, count)`` ranges of ``user`` (or its numeric id) in
+    ``/etc/subuid`` (``kind`` uid) or ``/etc/subgid`` (gid); none without the file."""
+    out: list[tuple[int, int]] = []
+    try:
+        with open(path or SUBID_FILES[kind], encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] in (user, str(ident)) and fields[1].isdigit() and fields[2].isdigit():
+            out.append((int(fields[1]), int(fields[2])))
+    return out
+
+
+def id_mappings(uid: int, gid: int) -> dict[str, list[dict[str, int]]]:
+    """``uidMappings``/``gidMappings`` for a rootless container: 0 is the caller, 1.. its
+    subordinate ranges in order."""
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    out: dict[str, list[dict[str, int]]] = {}
+    for kind, own in (("uid", uid), ("gid", gid)):
+        maps = [{"containerID": 0, "hostID": own, "size": 1}]
+        next_id = 1
+        for start, count in subid_ranges(kind, user, own):
+            maps.append({"containerID": next_id, "hostID": start, "size": count})
+            next_id += count
+        out[f"{kind}Mappings"] = maps
+    return out
+
+
+def rootless_config(spec: dict[str, Any], uid: int, gid: int) -> dict[str, Any]:
+    """``spec`` (from ``runtime_config``) for a runtime started by ``uid``/``gid`` without
+    privileges: a user namespace with the user's mappings (see the module's docstring)."""
+    linux = spec["linux"]
+    linux["namespaces"] = [{"type": "user"}, *linux["namespaces"]]
+    linux.update(id_mappings(uid, gid))
+    linux.pop("resources", None)
+    for m in spec["mounts"]:
+        if m["type"] == "sysfs":
+            m.update({"type": "none", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]})
+        elif m["type"] == "devpts":
+            m["options"] = [o for o in m["options"] if not o.startswith("gid=")]
+    return spec
+
+
 def make_bundle(store: Store, ref: str, directory: str, *, name: str | None = None,
                 args: list[str] | None = None, backend: str = "auto") -> Bundle:
     """Make ``directory`` an OCI bundle for the container ``ref`` (or a new container over
@@ -158,6 +221,8 @@ def make_bundle(store: Store, ref: str, directory: str, *, name: str | None = No
         check_rootfs(stack)
         config = json.loads(store.content.read(c.config_digest))
         spec = runtime_config(config, stack, args, c.name)
+        if os.geteuid() != 0 or not in_initial_userns():
+            spec = rootless_config(spec, os.getuid(), os.getgid())
         os.makedirs(rootfs, exist_ok=True)
         mounting.mount(store, mounting.container_spec(store, c), c.key, rootfs, backend)
         try:
@@ -175,4 +240,4 @@ def make_bundle(store: Store, ref: str, directory: str, *, name: str | None = No
     return Bundle(directory, rootfs, c.name)
 
 
-__all__ = ["Bundle", "make_bundle", "check_rootfs", "runtime_config", "read_config"]
+__all__ = ["Bundle", "make_bundle", "check_rootfs", "runtime_config", "read_config", "rootless_config"]

@@ -14,6 +14,7 @@ export -> import of the new image shows the tree the container showed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from typing import BinaryIO
 
 from layerfs import importer
 from layerfs.digest import Digest
-from layerfs.errors import AlreadyExists, InvalidArgument, NotFound
+from layerfs.errors import AlreadyExists, InvalidArgument, NotFound, StoreError
 from layerfs.image import source as images
 from layerfs.image.config import build_config
 from layerfs.image.oci import OCI_LAYER
@@ -116,6 +117,21 @@ def commit(store: Store, c: Container, new_ref: str, message: str | None = None,
            author: str | None = None) -> importer.ImportResult:
     """The container's changes as a new image ``new_ref`` over its image's layers."""
     ref = images.normalize_ref(new_ref)
+    # the layer tar and its unpacked copy: about twice the upper (checked first, so a full
+    # disk is said at once and nothing is half written)
+    needed = 2 * usage(store, c)[0] + (1 << 20)
+    if store.free_bytes() < needed:
+        raise StoreError(f"commit {c.name}: no space left on device for the new layer: {store.space_note(needed)}")
+    try:
+        return _commit(store, c, ref, message, author)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StoreError(f"commit {c.name}: no space left on device ({e.filename or store.tmp_dir}): "
+                         f"{store.space_note(needed)}") from e
+
+
+def _commit(store: Store, c: Container, ref: str, message: str | None, author: str | None) -> importer.ImportResult:
     base_manifest = json.loads(store.content.read(c.manifest_digest))
     base_config = json.loads(store.content.read(c.config_digest))
     # the shared store lock keeps fsck --repair away from tmp/commit-* while it is in use

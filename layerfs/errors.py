@@ -109,3 +109,17 @@ class Unsupported(LayerfsError):
 
     errno = _errno.ENOTSUP
     grpc_code = "UNIMPLEMENTED"
+
+
+class RegistryError(LayerfsError):
+    """A registry that refused or failed a request (after retries), or cannot be reached."""
+
+    errno = _errno.EIO
+    grpc_code = "UNAVAILABLE"
+
+
+class Unauthorized(RegistryError):
+    """A registry that wants credentials layerfs does not have, or refused the ones it sent."""
+
+    errno = _errno.EACCES
+    grpc_code = "PERMISSION_DENIED"

@@ -28,6 +28,7 @@ from layerfs.layer import apply as archive
 from layerfs.layer import compression
 from layerfs.progress import Progress
 from layerfs.store import BlobRecord, StagedLayer, Store
+from layerfs.store.content import Ingest
 
 
 @dataclass
@@ -75,8 +76,12 @@ def _apply_blob(
     staging = store.new_staging() if apply else None
     try:
         with opener() as raw:
-            bar = progress.bar(f"Copying blob {digest.short()}" if digest else f"Copying {what}", size)
-            with store.content.ingest(bar.wrap(raw), what, digest, size) as ing:
+            # A source that stages into the content store itself (a registry pull's download)
+            # is the ingest as it is, and draws its own progress.
+            staged = isinstance(raw, Ingest)
+            bar = (Progress(enabled=False) if staged else progress).bar(
+                f"Copying blob {digest.short()}" if digest else f"Copying {what}", size)
+            with raw if isinstance(raw, Ingest) else store.content.ingest(bar.wrap(raw), what, digest, size) as ing:
                 head = _Peek(ing)
                 kind = compression.detect(head.peek(8))
                 plain = compression.open_decompressed(head, what, limits)
@@ -210,22 +215,26 @@ def import_path(
     store: Store,
     path: str,
     *,
-    name: str | None = None,
+    name: str | Sequence[str] | None = None,
     platform: str | None = None,
     progress: Progress | None = None,
     limits: compression.Limits | None = None,
 ) -> list[ImportResult]:
-    """Import every image found at ``path`` (OCI layout dir/tar or docker-archive)."""
+    """Import every image found at ``path`` (OCI layout dir/tar or docker-archive).
+    ``name``: one name or several for a single image; all are checked before anything is
+    stored, and stored in one transaction (all or none)."""
+    wanted = [name] if isinstance(name, str) else list(name or [])
+    given = list(dict.fromkeys(images.normalize_ref(n) for n in wanted))
     results = []
     with images.open_source(path) as src:
         resolved = list(src.images(platform=platform))
         if not resolved:
             raise InvalidImage(f"{path}: no image found")
-        if name is not None and len(resolved) > 1:
+        if given and len(resolved) > 1:
             tags = ", ".join(n for r in resolved for n in r.names) or f"{len(resolved)} untagged images"
             raise UsageError(f"{path} holds several images ({tags}); --name needs exactly one")
         for img in resolved:
-            names = [images.normalize_ref(name)] if name else [images.normalize_ref(n) for n in img.names]
+            names = given or [images.normalize_ref(n) for n in img.names]
             if not names:
                 raise UsageError(f"{path} holds an untagged image; give it a name with --name REF")
             results.append(import_resolved(store, img, names, progress=progress, limits=limits))

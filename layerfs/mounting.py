@@ -15,12 +15,14 @@ before rmi, gc and rm check what is in use.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from layerfs import containers
-from layerfs.errors import InvalidArgument, LayerfsError, NotFound, Unsupported
+from layerfs.errors import InUse, InvalidArgument, LayerfsError, NotFound, Unsupported
 from layerfs.linux.mountinfo import mount_table
-from layerfs.linux.proc import boot_id
-from layerfs.mount.backend import choose_backend
+from layerfs.linux.proc import boot_id, command_lines
+from layerfs.mount.backend import decide, for_format
 from layerfs.mount.spec import BIND, MountSpec, snapshot_spec
 from layerfs.store import Image, MountRecord, Store
 from layerfs.store.schema import now_ns
@@ -37,12 +39,13 @@ def image_spec(store: Store, img: Image, *, dev: bool = False, suid: bool = Fals
     if not lowers:
         raise InvalidArgument(f"image {img.name} has no layers: nothing to mount")
     extra = [o for o, keep in (("nodev", not dev), ("nosuid", not suid)) if keep]
-    return snapshot_spec(lowers, readonly=True, extra=extra)
+    return for_format(snapshot_spec(lowers, readonly=True, extra=extra), store.fmt)
 
 
 def container_spec(store: Store, c: containers.Container) -> MountSpec:
     """A container read-write: its upper over its image's layers (without layers, the upper alone)."""
-    return snapshot_spec(containers.lowers(store, c), containers.upper(store, c), store.work_dir(c.snapshot.id))
+    spec = snapshot_spec(containers.lowers(store, c), containers.upper(store, c), store.work_dir(c.snapshot.id))
+    return for_format(spec, store.fmt)
 
 
 def _with_reason(e: LayerfsError, reason: str | None) -> LayerfsError:
@@ -55,21 +58,104 @@ def _with_reason(e: LayerfsError, reason: str | None) -> LayerfsError:
         return LayerfsError(f"{e} (kernel overlayfs was not used: {reason})")
 
 
-def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend: str = "auto") -> MountRecord:
+@dataclass(frozen=True)
+class UpperUser:
+    """A live mount writing into an upper directory, found outside the store's records."""
+
+    target: str
+    backend: str  # "kernel" or the FUSE program's name
+    pid: int | None
+
+    def __str__(self) -> str:
+        return f"{self.target} ({self.backend}, pid {self.pid if self.pid is not None else '-'})"
+
+
+_FUSE_OVERLAY_PROGRAMS = {b"layerfs-fuse": "fuse", b"layerfs.fuse.main": "fuse", b"fuse-overlayfs": "fuse-overlayfs"}
+
+
+def _fuse_program(argv: list[bytes]) -> str | None:
+    """The backend name of a FUSE overlay program's command line (its first words), or None."""
+    for a in argv[:4]:
+        for name, backend in _FUSE_OVERLAY_PROGRAMS.items():
+            if a.endswith(name):
+                return backend
+    return None
+
+
+def upper_users(upper: str) -> list[UpperUser]:
+    """Every live mount writing into ``upper``, whoever made it: kernel overlays whose
+    ``upperdir`` it is (``/proc/self/mountinfo``), and FUSE overlay daemons (layerfs-fuse,
+    fuse-overlayfs; started by layerfs, containerd's mount helper or by hand) given it as
+    ``upperdir=`` (their command lines in ``/proc``)."""
+    upper = os.path.realpath(upper)
+    found: list[UpperUser] = []
+    for m in mount_table():
+        if m.fs_type != "overlay":
+            continue
+        for o in m.super_options:
+            k, sep, v = o.partition("=")
+            if sep and k == "upperdir" and (v == upper or (not v.startswith("/") and upper.endswith("/" + v))):
+                found.append(UpperUser(m.mount_point, "kernel", None))
+    from layerfs.fuse.main import split_options
+
+    for pid, argv in command_lines():
+        program = _fuse_program(argv)
+        if program is None:
+            continue
+        for i, a in enumerate(argv):
+            opts = argv[i + 1] if a == b"-o" and i + 1 < len(argv) else a[2:] if a.startswith(b"-o") else None
+            if opts is None or b"upperdir=" not in opts:
+                continue
+            try:
+                value = MountSpec("overlay", "overlay", tuple(split_options(os.fsdecode(opts)))).upper
+            except LayerfsError:
+                continue
+            if value is not None and os.path.realpath(value) == upper:
+                args = [os.fsdecode(x) for x in argv if x and not x.startswith(b"-") and x != opts]
+                found.append(UpperUser(args[-1] if args else "?", program, pid))
+                break
+    return found
+
+
+def check_single_writer(spec: MountSpec, what: str) -> None:
+    """Refuse a read-write ``spec`` whose upper a live mount already writes into (the
+    kernel warns "upperdir is in-use ... undefined behavior" and mounts anyway; FUSE does not
+    notice at all). The store's own records are checked atomically by ``Store.mounts.add``."""
+    upper = spec.upper if spec.type != BIND else (spec.source if not spec.readonly else None)
+    if spec.readonly or upper is None:
+        return
+    users = upper_users(upper)
+    if users:
+        raise InUse(f"{what} is already mounted read-write at {users[0]}: one read-write mount at a time; "
+                    f"unmount it first (layerfs umount {users[0].target})")
+
+
+def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend: str = "auto",
+          log: Callable[[str], None] | None = None) -> MountRecord:
     """Mount ``spec`` on ``target`` and record it under ``snapshot_key``.
 
     ``auto`` falls back to FUSE when the kernel refuses the mount (``Unsupported``, which
     includes EPERM). A FUSE record carries the pid of the daemon serving it.
+
+    A writable snapshot has one read-write mount at a time: a second is refused
+    (``InUse``, naming the first mount's target, backend and pid) whether the first was
+    recorded by layerfs (checked in the transaction that records this one) or made by
+    another program (``upper_users``). ``log`` is told which backend was chosen and why.
     """
     from layerfs.mount import fuse, kernel
 
     target = os.path.realpath(target)
     if not os.path.isdir(target):
         raise NotFound(f"mount point {target} does not exist or is not a directory")
-    chosen, why_not_kernel = choose_backend(backend, spec, store.root)
+    chosen, why_not_kernel, because = decide(backend, spec, store.root, store.fmt)
+    if log is not None:
+        log(f"backend {backend}: {because}")
     store.mounts.prune()  # drop stale records first, so a stale one does not block this target
+    what = ("container " + snapshot_key.removeprefix(containers.KEY_PREFIX)
+            if snapshot_key.startswith(containers.KEY_PREFIX) else f"snapshot {snapshot_key}")
+    check_single_writer(spec, what)
     rec = MountRecord(target, snapshot_key, chosen, spec.readonly, os.getpid(), boot_id(), now_ns())
-    store.mounts.add(rec)  # AlreadyExists when the target has a record
+    store.mounts.add(rec, what)  # AlreadyExists when the target has a record; InUse for a second writer
     try:
         if chosen == "kernel":
             try:
@@ -78,12 +164,14 @@ def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend
                 if backend != "auto" or (spec.type == BIND and not spec.readonly):
                     raise
                 chosen, why_not_kernel = "fuse", str(e)
+                if log is not None:
+                    log(f"backend auto: FUSE, as the kernel refused: {e}")
             else:
                 rec = MountRecord(target, snapshot_key, "kernel", spec.readonly, None, rec.boot_id, rec.created_ns)
                 store.mounts.update(target, rec.backend, None)  # live now: no longer pending on this process
         if chosen == "fuse":
             try:
-                pid = fuse.mount(spec, target)
+                pid = fuse.mount(spec, target, layer_format=store.fmt.name)
             except LayerfsError as e:
                 raise _with_reason(e, why_not_kernel) from e
             rec = MountRecord(target, snapshot_key, "fuse", spec.readonly, pid, rec.boot_id, rec.created_ns)
@@ -95,15 +183,15 @@ def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend
 
 
 def mount_ref(store: Store, name: str, target: str, backend: str = "auto", *, dev: bool = False,
-              suid: bool = False) -> MountRecord:
+              suid: bool = False, log: Callable[[str], None] | None = None) -> MountRecord:
     """``layerfs mount NAME``: a container read-write, or an image read-only."""
     from layerfs.catalog import resolve_image
 
     c = containers.find(store, name)
     if c is not None:
-        return mount(store, container_spec(store, c), c.key, target, backend)
+        return mount(store, container_spec(store, c), c.key, target, backend, log)
     img = resolve_image(store, name)
-    return mount(store, image_spec(store, img, dev=dev, suid=suid), str(img.top_chain_id), target, backend)
+    return mount(store, image_spec(store, img, dev=dev, suid=suid), str(img.top_chain_id), target, backend, log)
 
 
 def umount(store: Store, target: str, detach: bool = False) -> MountRecord:
@@ -115,19 +203,40 @@ def umount(store: Store, target: str, detach: bool = False) -> MountRecord:
     from layerfs.mount import fuse, kernel
 
     path = os.path.realpath(target)
+    store.make_room()  # the record must go even on a full disk (a container may have filled it)
     rec = store.mounts.get(path)
     if rec is None:
         raise NotFound(f"{target} is not mounted by layerfs")
     mounted = any(m.mount_point == path for m in mount_table())
-    if rec.backend == "fuse":
-        if mounted:
-            fuse.unmount(path, rec.pid, detach=detach)
-        elif rec.pid is not None and not detach and rec.boot_id == boot_id():
-            fuse.stop(rec.pid, path)  # the mount went some other way: the daemon goes too
-    elif mounted:
-        kernel.unmount(path, detach=detach)
+    try:
+        if rec.backend == "fuse":
+            if mounted:
+                fuse.unmount(path, rec.pid, detach=detach)
+            elif rec.pid is not None and not detach and rec.boot_id == boot_id():
+                fuse.stop(rec.pid, path)  # the mount went some other way: the daemon goes too
+        elif mounted:
+            kernel.unmount(path, detach=detach)
+    except InUse as e:
+        # the backends' hints name their Python API; the user's is the CLI's --lazy
+        raise InUse(f"cannot unmount {path}: it is busy (open files, a working directory or mounts inside); "
+                    f"'layerfs umount --lazy {path}' detaches it now and lets it go once it is idle") from e
     store.mounts.remove(path)
     return rec
+
+
+def container_listing(store: Store, size: bool = False) -> list[tuple[containers.Container, list[str], int | None]]:
+    """``layerfs ps``: every container with where it is mounted and (``size``) the bytes
+    of its upper, read in one state of the store (retried past a concurrent ``rm``)."""
+    store.mounts.prune()
+
+    def read() -> list[tuple[containers.Container, list[str], int | None]]:
+        mounted: dict[str, list[str]] = {}
+        for r in records(store):
+            mounted.setdefault(r.snapshot_key, []).append(r.target)
+        return [(c, mounted.get(c.key, []), containers.usage(store, c)[0] if size else None)
+                for c in containers.list_containers(store)]
+
+    return store.reading(read)
 
 
 def remove_container(store: Store, name: str, force: bool = False) -> None:

@@ -6,14 +6,17 @@ benchmark all format the same way from here.
 - ``human_size``: decimal units as go-units ``HumanSizeWithPrecision`` (``429.9MB``), or
   binary ones (``100MiB``) for the benchmark's labels.
 - ``human_duration``: go-units ``HumanDuration`` (``About an hour``, ``3 weeks``).
-- ``rfc3339`` and ``rfc3339_nano`` write times in UTC with ``Z``; ``parse_rfc3339`` reads
-  what Go and Python write (up to nanoseconds, any offset).
+- ``rfc3339`` and ``rfc3339_nano`` write times as Go's ``time.RFC3339Nano`` in UTC with ``Z``;
+  ``parse_rfc3339`` (microseconds) and ``parse_rfc3339_ns`` (nanoseconds) read what Go and
+  Python write (up to nanoseconds, any offset).
+- ``parse_size`` reads ``20MB``, ``512KiB``, ``1000``.
 - ``table``: columns aligned like Go's ``text/tabwriter``, without trailing blanks.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 
@@ -21,6 +24,8 @@ __all__ = [
     "human_duration",
     "human_size",
     "parse_rfc3339",
+    "parse_rfc3339_ns",
+    "parse_size",
     "rfc3339",
     "rfc3339_nano",
     "table",
@@ -53,6 +58,24 @@ def human_size(size: float, precision: int = 4, *, binary: bool = False) -> str:
     if binary:
         return f"{value:g}{units[unit]}" if value == int(value) else f"{value:.1f}{units[unit]}"
     return f"{value:.{precision}g}{units[unit]}"
+
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*")
+_SIZE_UNITS = {"": 1, "b": 1}
+for _i, _u in enumerate(("k", "m", "g", "t", "p", "e"), start=1):
+    _SIZE_UNITS[_u] = _SIZE_UNITS[_u + "b"] = 1000**_i
+    _SIZE_UNITS[_u + "ib"] = 1024**_i
+
+
+def parse_size(text: str) -> int:
+    """A size as people write it: ``1000``, ``20MB``, ``20 mb``, ``1.5GB`` (steps of 1000, as
+    ``human_size`` writes them and dive's ``.dive-ci`` reads them), ``512KiB`` (steps of 1024).
+    Raises ``ValueError`` for anything else."""
+    m = _SIZE.fullmatch(text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
 
 
 # --- durations --------------------------------------------------------------------------
@@ -101,11 +124,12 @@ def utc(moment: datetime) -> datetime:
 
 
 def rfc3339(moment: datetime) -> str:
-    """RFC 3339 in UTC with ``Z``, microseconds only when there are any (Python's isoformat).
-
-    ``2024-06-01T10:00:00Z``, ``2024-06-01T10:00:00.250000Z``: the JSON views' format.
-    """
-    return utc(moment).isoformat().replace("+00:00", "Z")
+    """``moment`` as ``rfc3339_nano`` writes it (UTC, ``Z``, the fraction without trailing
+    zeros, none on a whole second): ``2024-06-01T10:00:00Z``, ``2024-06-01T10:00:00.25Z``.
+    The one time format of every JSON view (a ``datetime`` holds microseconds; times read
+    with ``parse_rfc3339_ns`` keep all nine digits)."""
+    u = utc(moment)
+    return rfc3339_nano(int(u.replace(microsecond=0).timestamp()) * 1_000_000_000 + u.microsecond * 1000)
 
 
 def rfc3339_nano(ns: int) -> str:
@@ -128,16 +152,32 @@ def parse_rfc3339(value: object) -> datetime | None:
     """
     if not isinstance(value, str) or not value:
         return None
-    text = value.strip().replace("Z", "+00:00")
+    text = value.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
     if "." in text:
         head, _, rest = text.partition(".")
-        frac = "".join(ch for ch in rest if ch.isdigit())
-        tz = rest[len(frac):]
-        text = f"{head}.{frac[:6]}{tz}"
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        frac, tz = rest[:digits], rest[digits:]  # the offset after the fraction stays
+        text = f"{head}.{frac[:6].ljust(6, '0')}{tz}" if frac else text
     try:
         return datetime.fromisoformat(text)
     except ValueError:
         return None
+
+
+def parse_rfc3339_ns(value: object) -> int | None:
+    """An RFC 3339 time as nanoseconds since the epoch, keeping all nine fraction digits
+    (``parse_rfc3339`` keeps six); None if it is not one. ``rfc3339_nano`` writes it back."""
+    moment = parse_rfc3339(value)
+    if moment is None:
+        return None
+    assert isinstance(value, str)
+    head, dot, rest = value.strip().partition(".")
+    digits = rest[: len(rest) - len(rest.lstrip("0123456789"))] if dot else ""
+    whole = utc(moment.replace(microsecond=0))
+    seconds = int(whole.timestamp())
+    return seconds * 1_000_000_000 + int(digits[:9].ljust(9, "0") or 0)
 
 
 # --- tables -----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from layerfs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, LayerfsError, NotFound
 from layerfs.mount import fuse
+from layerfs.mount.backend import for_format
 from layerfs.mount.spec import OVERLAY, MountSpec, snapshot_spec
 from layerfs.store import Snapshot, Store
 from layerfs.store import disk_usage as store_disk_usage
@@ -184,6 +185,7 @@ class Snapshotter:
             spec = snapshot_spec(layers, None if layers else fs, readonly=True)
         else:
             spec = snapshot_spec(layers, fs, self.store.work_dir(snap.id))
+        spec = for_format(spec, self.store.fmt)  # a userxattr store's overlays get userxattr
         if self.fuse_program is not None and spec.type == OVERLAY:
             return spec.as_fuse(self.fuse_program)
         return spec

@@ -26,7 +26,7 @@ import click
 
 from layerfs import __version__
 from layerfs.errors import LayerfsError
-from layerfs.progress import Progress
+from layerfs.progress import Progress, ending_bars
 from layerfs.store import Store, default_root
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,7 +56,8 @@ class Ctx:
 def describe_oserror(e: OSError) -> str:
     """One line for an ``OSError``: the system's reason and the path(s) it names."""
     reason = e.strerror or (errno.errorcode.get(e.errno, "") if e.errno else "") or str(e) or type(e).__name__
-    paths = [os_path for os_path in (e.filename, e.filename2) if os_path is not None]
+    # an int "filename" is a file descriptor: no name for the user (the command says what it did)
+    paths = [os_path for os_path in (e.filename, e.filename2) if os_path is not None and not isinstance(os_path, int)]
     where = " -> ".join(str(p if not isinstance(p, bytes) else p.decode("utf-8", "replace")) for p in paths)
     return f"{reason}: {where}" if where else reason
 
@@ -64,6 +65,16 @@ def describe_oserror(e: OSError) -> str:
 def _command_name() -> str:
     ctx = click.get_current_context(silent=True)
     return ctx.command_path.removeprefix("layerfs ").strip() if ctx is not None else "layerfs"
+
+
+def _space_note(e: OSError) -> str:
+    """For a full disk (ENOSPC, EDQUOT): "; it needed more than ... free" from the open store."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_object(Ctx) if ctx is not None else None
+    store = obj._store if obj is not None else None
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT) or store is None:
+        return ""
+    return f" ({store.space_note()})"
 
 
 def _debugging() -> bool:
@@ -74,6 +85,7 @@ def _debugging() -> bool:
 
 def handle_errors(fn: F) -> F:
     """Turn every failure of a command into one line on stderr and its exit code."""
+    fn = ending_bars(fn)  # progress bars a failure left running end before its error line
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> object:
@@ -89,7 +101,7 @@ def handle_errors(fn: F) -> F:
         except OSError as e:
             if _debugging():
                 raise
-            click.echo(f"layerfs: error: {_command_name()}: {describe_oserror(e)}", err=True)
+            click.echo(f"layerfs: error: {_command_name()}: {describe_oserror(e)}{_space_note(e)}", err=True)
             sys.exit(1)
         except RecursionError:
             if _debugging():
@@ -126,7 +138,7 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--root", envvar="LAYERFS_ROOT", type=click.Path(file_okay=False),
-              help=f"Store directory (default: {default_root()}).")
+              help=f"Store directory (default: $LAYERFS_ROOT, else {default_root()}).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or log messages on stderr.")
 @click.option("--debug", is_flag=True, envvar="LAYERFS_DEBUG",
               help="Show the Python traceback of an unexpected error (also $LAYERFS_DEBUG=1).")

@@ -25,14 +25,25 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from layerfs.catalog import DfRow, ImageInfo, LayerInfo
+from layerfs.analysis import Analysis, RuleResult, TreeEntry
+from layerfs.analysis.waste import FAIL, PASS, SKIP
+from layerfs.catalog import (
+    DfImage,
+    DfRow,
+    HistoryStep,
+    ImageComparison,
+    ImageDetails,
+    ImageInfo,
+    LayerInfo,
+)
 from layerfs.errors import InvalidArgument
 from layerfs.image.ref import split_tag
-from layerfs.text import human_duration, human_size, rfc3339, table, utc
+from layerfs.text import human_duration, human_size, parse_rfc3339_ns, rfc3339, rfc3339_nano, table, utc
 
 __all__ = [
     "DfRow",
@@ -40,10 +51,15 @@ __all__ = [
     "LayerInfo",
     "human_duration",
     "human_size",
+    "render_analysis",
     "render_changes",
+    "render_comparison",
     "render_df",
+    "render_df_images",
+    "render_file_tree",
     "render_history",
     "render_images",
+    "render_inspect",
     "render_layer_diffs",
     "render_tree",
     "split_reference",
@@ -150,18 +166,45 @@ def _newest_first(images: Iterable[ImageInfo]) -> list[ImageInfo]:
     return sorted(images, key=key)
 
 
+IMAGE_SORTS = ("created", "id", "repository", "size", "tag")
+
+
+def _sorted_images(images: Iterable[ImageInfo], sort: str | None) -> list[ImageInfo]:
+    ordered = _newest_first(images)
+    if sort is None or sort == "created":
+        return ordered
+    _check_format(sort, IMAGE_SORTS)
+    keys = {
+        "id": lambda i: (i.image_id,),
+        "repository": lambda i: split_reference(i.name),
+        "tag": lambda i: (split_reference(i.name)[1], split_reference(i.name)[0]),
+        "size": lambda i: (-i.size,),  # biggest first, as podman
+    }
+    return sorted(ordered, key=keys[sort])  # stable: newest first within a key
+
+
 def render_images(
     images: Iterable[ImageInfo],
     fmt: str = "table",
     no_trunc: bool = False,
     now: datetime | None = None,
+    *,
+    quiet: bool = False,
+    digests: bool = False,
+    sort: str | None = None,
 ) -> str:
     """``docker images``: REPOSITORY, TAG, IMAGE ID, CREATED, SIZE; newest first, then name.
 
     One row per name, so an image known under two tags shows twice, as in docker.
+    ``quiet``: only the image IDs, each once (``layerfs rmi $(layerfs images -q)``);
+    ``digests``: a DIGEST column (the manifest digest) after TAG; ``sort``: ``created``
+    (default), ``id``, ``repository``, ``tag`` or ``size`` (biggest first).
     """
     _check_format(fmt, ("table", "json"))
-    ordered = _newest_first(images)
+    ordered = _sorted_images(images, sort)
+    if quiet:
+        ids = dict.fromkeys(_short(image.image_id, no_trunc) for image in ordered)
+        return "".join(f"{i}\n" for i in ids)
     if fmt == "json":
         return _json(
             [
@@ -174,6 +217,7 @@ def render_images(
                     "created": _rfc3339(image.created),
                     "size": image.size,
                     "layers": [layer.chain_id for layer in image.layers],
+                    "labels": image.labels,
                 }
                 for image in ordered
             ]
@@ -182,13 +226,15 @@ def render_images(
     rows = [
         (
             *split_reference(image.name),
+            *((image.manifest_digest or NONE,) if digests else ()),
             _short(image.image_id, no_trunc),
             _since(image.created, moment),
             human_size(image.size),
         )
         for image in ordered
     ]
-    return table(("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"), rows, minwidth=DOCKER_MINWIDTH)
+    header = ("REPOSITORY", "TAG", *(("DIGEST",) if digests else ()), "IMAGE ID", "CREATED", "SIZE")
+    return table(header, rows, minwidth=DOCKER_MINWIDTH)
 
 
 # --- the layer forest ----------------------------------------------------------------------
@@ -358,6 +404,17 @@ def _created_by(layer: LayerInfo, no_trunc: bool) -> str:
     return text if no_trunc else _ellipsis(text, CREATED_BY_WIDTH)
 
 
+def _steps(image: ImageInfo) -> list[HistoryStep]:
+    """The image's history steps, bottom first; from its layers alone when it has none."""
+    if image.history:
+        return list(image.history)
+    return [HistoryStep(layer.created_by, layer.created, None, layer.comment, layer=layer) for layer in image.layers]
+
+
+def _step_time(step: HistoryStep) -> str | None:
+    return rfc3339_nano(step.created_ns) if step.created_ns is not None else _rfc3339(step.created)
+
+
 def render_history(
     image: ImageInfo,
     fmt: str = "table",
@@ -366,36 +423,38 @@ def render_history(
 ) -> str:
     """``docker history``: LAYER (diff id), CREATED, CREATED BY, SIZE, COMMENT; top first.
 
-    Only layers are listed: config history entries with ``empty_layer`` have no contents
-    to show. Sizes use the same 4 significant digits as every other layerfs view (docker
-    history alone uses 3).
+    Config-only steps (``empty_layer``: ENV, CMD, LABEL ...) are listed too, as docker lists
+    them, with LAYER ``<none>`` and SIZE 0B (JSON: ``chain_id``/``diff_id`` null,
+    ``empty_layer`` true). Sizes use the same 4 significant digits as every other layerfs
+    view (docker history alone uses 3).
     """
     _check_format(fmt, ("table", "json"))
-    top_first = list(reversed(image.layers))
+    top_first = list(reversed(_steps(image)))
     if fmt == "json":
         return _json(
             [
                 {
-                    "chain_id": layer.chain_id,
-                    "diff_id": layer.diff_id,
-                    "created": _rfc3339(layer.created),
-                    "created_by": layer.created_by,
-                    "size": layer.size,
-                    "comment": layer.comment,
+                    "chain_id": step.layer.chain_id if step.layer else None,
+                    "diff_id": step.layer.diff_id if step.layer else None,
+                    "created": _step_time(step),
+                    "created_by": step.created_by,
+                    "size": step.layer.size if step.layer else 0,
+                    "comment": step.comment,
+                    "empty_layer": step.layer is None,
                 }
-                for layer in top_first
+                for step in top_first
             ]
         )
     moment = _now(now)
     rows = [
         (
-            _short(layer.diff_id, no_trunc),
-            _since(layer.created, moment),
-            _created_by(layer, no_trunc),
-            human_size(layer.size),
-            _one_line(layer.comment),
+            _short(step.layer.diff_id, no_trunc) if step.layer else NONE,
+            _since(step.created, moment),
+            _created_by(LayerInfo("", "", None, 0, created_by=step.created_by), no_trunc),
+            human_size(step.layer.size if step.layer else 0),
+            _one_line(step.comment),
         )
-        for layer in top_first
+        for step in top_first
     ]
     return table(("LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"), rows, minwidth=DOCKER_MINWIDTH)
 
@@ -490,3 +549,278 @@ def render_df(rows: Iterable[DfRow], fmt: str = "table") -> str:
         (row.kind, str(row.total), str(row.active), human_size(row.size), _reclaimable(row)) for row in items
     ]
     return table(("TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"), lines, minwidth=DOCKER_MINWIDTH)
+
+
+# --- analysis -------------------------------------------------------------------------------
+
+SCHEMA_VERSION = 1  # of every JSON view that carries a "schemaVersion"
+ANALYSIS_TOP = 20  # offenders and duplicate groups shown in the table view by default
+
+
+def _percent(ratio: float) -> str:
+    return f"{ratio * 100:.2f}%"
+
+
+def _rule_line(r: RuleResult) -> str:
+    if r.status == SKIP:
+        return f"SKIP: {r.rule}: rule disabled"
+    if r.rule == "highestWastedBytes":
+        detail = f"wasted={human_size(r.value)} ({int(r.value)} bytes), threshold={human_size(r.threshold or 0)}"
+    else:
+        detail = f"value={r.value:.4f}, threshold={r.threshold:.4f}"
+    return f"{r.status.upper()}: {r.rule}: {detail}"
+
+
+def _analysis_json(a: Analysis, rules: Sequence[RuleResult]) -> dict[str, object]:
+    return {
+        "schemaVersion": SCHEMA_VERSION,
+        "name": a.name,
+        "id": a.image_id,
+        "efficiency": a.efficiency,
+        "total_bytes": a.total_bytes,
+        "visible_bytes": a.visible_bytes,
+        "wasted_bytes": a.wasted_bytes,
+        "user_bytes": a.user_bytes,
+        "user_wasted_ratio": a.user_wasted_ratio,
+        "duplicate_bytes": a.duplicate_bytes,
+        "metadata_only_bytes": a.metadata_only_bytes,
+        "paths": a.paths,
+        "visible_files": a.visible_files,
+        "layers": [
+            {
+                "index": c.index, "chain_id": c.chain_id, "diff_id": c.diff_id, "created_by": c.created_by,
+                "files": c.files, "bytes": c.bytes, "added_bytes": c.added_bytes,
+                "replaced_bytes": c.replaced_bytes, "metadata_only_bytes": c.metadata_only_bytes,
+                "wasted_bytes": c.wasted_bytes, "overwrites_bytes": c.overwrites_bytes,
+                "deletes_bytes": c.deletes_bytes, "deleted_paths": c.deleted_paths,
+            }
+            for c in a.layers
+        ],
+        "wasted_by_directory": [
+            {"directory": d, "wasted_bytes": b, "copies": n} for d, b, n in a.wasted_by_directory()
+        ],
+        "offenders": [
+            {
+                "path": o.path, "count": o.count, "total_bytes": o.total_bytes, "wasted_bytes": o.wasted_bytes,
+                "occurrences": [
+                    {"layer": x.layer, "size": x.size, "fate": x.fate, "by_layer": x.by_layer,
+                     "metadata_only": x.metadata_only}
+                    for x in o.occurrences
+                ],
+            }
+            for o in a.offenders
+        ],
+        "duplicates": [
+            {
+                "fingerprint": "xxh3-128:" + d.fingerprint, "size": d.size, "wasted_bytes": d.wasted_bytes,
+                "copies": [{"layer": c.layer, "path": c.path, "visible": c.visible} for c in d.copies],
+            }
+            for d in a.duplicates
+        ],
+        "rules": [
+            {"rule": r.rule, "status": r.status, "value": r.value, "threshold": r.threshold} for r in rules
+        ],
+        "passed": all(r.status != FAIL for r in rules),
+    }
+
+
+def render_analysis(
+    a: Analysis,
+    rules: Sequence[RuleResult] = (),
+    fmt: str = "table",
+    no_trunc: bool = False,
+    top: int = ANALYSIS_TOP,
+) -> str:
+    """``layerfs analyze``: a summary, per layer what it carries and wastes, the paths that
+    waste most (dive's "Count / Total Space / Path"), duplicated content, then the CI rules.
+    ``top`` bounds the two lists in the table view (0: all); JSON always has everything."""
+    _check_format(fmt, ("table", "json"))
+    if fmt == "json":
+        return _json(_analysis_json(a, rules))
+    out = [
+        f"Image: {a.name} ({_short(a.image_id, no_trunc)})\n" if a.image_id else f"Image: {a.name}\n",
+        f"  efficiency:           {_percent(a.efficiency)}\n",
+        f"  total size:           {human_size(a.total_bytes)} ({a.total_bytes} bytes of file content)\n",
+        f"  wasted:               {human_size(a.wasted_bytes)} ({a.wasted_bytes} bytes)\n",
+        f"  user wasted:          {_percent(a.user_wasted_ratio)} (of {human_size(a.user_bytes)} above the base layer)\n",
+        f"  duplicated:           {human_size(a.duplicate_bytes)} ({a.duplicate_bytes} bytes)\n",
+        f"  metadata-only copies: {human_size(a.metadata_only_bytes)} ({a.metadata_only_bytes} bytes)\n",
+        "\n",
+    ]
+    rows = [
+        (str(c.index), _short(c.diff_id, no_trunc) if c.diff_id else NONE, human_size(c.bytes),
+         human_size(c.added_bytes), human_size(c.replaced_bytes), human_size(c.metadata_only_bytes),
+         human_size(c.wasted_bytes), human_size(c.overwrites_bytes), human_size(c.deletes_bytes),
+         _created_by(LayerInfo("", "", None, 0, created_by=c.created_by), no_trunc))
+        for c in a.layers
+    ]
+    out.append(table(("LAYER", "DIFF ID", "SIZE", "ADDED", "REPLACED", "META-ONLY", "WASTED", "OVERWRITES",
+                      "DELETES", "CREATED BY"), rows, right=range(2, 9)))
+    dirs = a.wasted_by_directory()
+    shown_dirs = dirs if top <= 0 else dirs[:top]
+    if shown_dirs:
+        out.append("\nWasted space by directory:\n")
+        out.append(table(("COPIES", "WASTED", "DIRECTORY"), [
+            (str(n), human_size(b), _printable_path(d)) for d, b, n in shown_dirs], right=range(0, 2)))
+    offenders = list(a.offenders) if top <= 0 else list(a.offenders[:top])
+    if offenders:
+        out.append("\nWasted space by path:\n")
+        out.append(table(("COUNT", "TOTAL SPACE", "WASTED", "PATH"), [
+            (str(o.count), human_size(o.total_bytes), human_size(o.wasted_bytes), _printable_path(o.path))
+            for o in offenders], right=range(0, 3)))
+        if len(offenders) < len(a.offenders):
+            out.append(f"... and {len(a.offenders) - len(offenders)} more paths (--top 0 shows all)\n")
+    dups = list(a.duplicates) if top <= 0 else list(a.duplicates[:top])
+    if dups:
+        out.append("\nDuplicated content:\n")
+        out.append(table(("COPIES", "SIZE", "WASTED", "PATHS (LAYER:PATH)"), [
+            (str(len(d.copies)), human_size(d.size), human_size(d.wasted_bytes),
+             " ".join(f"{c.layer}:{_printable_path(c.path)}" for c in d.copies)) for d in dups],
+            right=range(0, 3)))
+        if len(dups) < len(a.duplicates):
+            out.append(f"... and {len(a.duplicates) - len(dups)} more groups (--top 0 shows all)\n")
+    if rules:
+        out.append("\nRules:\n")
+        out.extend(f"  {_rule_line(r)}\n" for r in rules)
+        counts = {s: sum(1 for r in rules if r.status == s) for s in (PASS, FAIL, SKIP)}
+        verdict = "FAIL" if counts[FAIL] else "PASS"
+        out.append(f"Result: {verdict} [Total:{len(rules)}] [Passed:{counts[PASS]}] [Failed:{counts[FAIL]}] "
+                   f"[Skipped:{counts[SKIP]}]\n")
+    return "".join(out)
+
+
+def _tree_prefixes(entries: Sequence[TreeEntry]) -> list[str]:
+    """``tree(1)``'s drawing for entries in path order: ``├── ``/``└── `` and ``│   `` rails."""
+    last_child: dict[str, int] = {}
+    for i, t in enumerate(entries):
+        last_child[t.path.rpartition("/")[0]] = i
+    is_last = [last_child[t.path.rpartition("/")[0]] == i for i, t in enumerate(entries)]
+    out = []
+    rails: list[bool] = []  # per depth above: whether that ancestor was the last of its siblings
+    for i, t in enumerate(entries):
+        depth = t.depth - 1
+        del rails[depth:]
+        out.append("".join("    " if r else "│   " for r in rails) + ("└── " if is_last[i] else "├── "))
+        rails.append(is_last[i])
+    return out
+
+
+def render_file_tree(entries: Sequence[TreeEntry], fmt: str = "table", upto: int | None = None) -> str:
+    """``layerfs tree``: the merged tree with mode, owner, size, the layer each entry comes
+    from and what layer ``upto`` did to it (A added, C changed, M metadata only, D deleted)."""
+    _check_format(fmt, ("table", "json"))
+    if fmt == "json":
+        return _json({
+            "schemaVersion": SCHEMA_VERSION,
+            "layer": upto,
+            "entries": [
+                {"path": t.path, "type": stat.filemode(t.mode)[0].replace("-", "f"), "mode": f"{stat.S_IMODE(t.mode):04o}",
+                 "uid": t.uid, "gid": t.gid, "size": t.size, "layer": t.layer, "change": t.mark or None,
+                 **({"target": t.target} if t.target else {})}
+                for t in entries
+            ],
+        })
+    prefixes = _tree_prefixes(entries)
+    rows = [
+        (t.mark or " ", stat.filemode(t.mode), f"{t.uid}:{t.gid}", human_size(t.size), str(t.layer),
+         prefix + _printable_path(t.name) + (f" -> {_printable_path(t.target)}" if t.target else ""))
+        for t, prefix in zip(entries, prefixes, strict=True)
+    ]
+    return table(("CHANGE", "PERMISSIONS", "UID:GID", "SIZE", "LAYER", "PATH"), rows, right=(3,))
+
+
+def render_inspect(d: ImageDetails, *, raw: bool = False, config: bool = False) -> str:
+    """``layerfs inspect``: skopeo inspect's JSON (Name, Digest, RepoTags, Created,
+    DockerVersion, Labels, Architecture, Os, Layers, LayersData, Env) plus the config's run
+    settings (Author, Cmd, Entrypoint, WorkingDir, User, ExposedPorts, Volumes, StopSignal),
+    the image ID and the diffIDs. ``raw``: the manifest as stored, byte for byte; ``config``:
+    the image config (pretty, or as stored with ``raw``), as ``skopeo inspect [--raw] --config``."""
+    if config:
+        if raw:
+            return d.config_bytes.decode("utf-8", "surrogateescape")
+        return _json(json.loads(d.config_bytes))
+    if raw:
+        return d.manifest_bytes.decode("utf-8", "surrogateescape")
+    repo = split_reference(d.name)[0]
+    created = parse_rfc3339_ns(d.created)
+    return _json({
+        "schemaVersion": SCHEMA_VERSION,
+        "Name": repo,
+        "Digest": d.manifest_digest,
+        "RepoTags": [split_reference(n)[1] for n in d.repo_tags if split_reference(n)[0] == repo],
+        "Names": list(d.repo_tags),
+        "Id": d.image_id,
+        "Created": rfc3339_nano(created) if created is not None else d.created,
+        "DockerVersion": d.docker_version,
+        "Labels": d.labels,
+        "Architecture": d.architecture,
+        "Os": d.os,
+        **({"Variant": d.variant} if d.variant else {}),
+        "Author": d.author,
+        "Layers": [layer.digest for layer in d.layers],
+        "LayersData": [
+            {"MIMEType": layer.media_type, "Digest": layer.digest, "Size": layer.size,
+             "Annotations": layer.annotations}
+            for layer in d.layers
+        ],
+        "DiffIDs": list(d.diff_ids),
+        "Env": list(d.env),
+        "Cmd": list(d.cmd) if d.cmd is not None else None,
+        "Entrypoint": list(d.entrypoint) if d.entrypoint is not None else None,
+        "WorkingDir": d.working_dir,
+        "User": d.user,
+        "ExposedPorts": list(d.exposed_ports),
+        "Volumes": list(d.volumes),
+        "StopSignal": d.stop_signal,
+        "ManifestMediaType": d.manifest_media_type,
+    })
+
+
+def render_comparison(c: ImageComparison, fmt: str = "table") -> str:
+    """``layerfs diff REF1 REF2 --type ...``: one section per type (``# file``, ``# size``,
+    ``# history``, ``# metadata``); JSON: ``{"schemaVersion", "image1", "image2", "differ",
+    "diffs": [{"type", ...}]}`` with ``changes`` (file), ``size1``/``size2`` (size) or ``lines``."""
+    _check_format(fmt, ("table", "json"))
+    if fmt == "json":
+        diffs: list[dict[str, object]] = []
+        for t in c.types:
+            if t == "file":
+                diffs.append({"type": t, "changes": [{"kind": k, "path": p} for k, p in _checked(c.files)]})
+            elif t == "size":
+                diffs.append({"type": t, "size1": c.sizes[0], "size2": c.sizes[1]})
+            else:
+                lines = c.history if t == "history" else c.metadata
+                diffs.append({"type": t, "lines": [{"side": s, "text": x} for s, x in lines]})
+        return _json({"schemaVersion": SCHEMA_VERSION, "image1": c.first, "image2": c.second,
+                      "differ": c.differ, "diffs": diffs})
+    out = []
+    for t in c.types:
+        out.append(f"# {t}: {c.first} -> {c.second}\n")
+        if t == "file":
+            out.append(render_changes(c.files))
+        elif t == "size":
+            out.append(table(("IMAGE", "SIZE"), [(c.first, human_size(c.sizes[0])), (c.second, human_size(c.sizes[1]))]))
+        else:
+            lines = c.history if t == "history" else c.metadata
+            out.extend(f"{s} {_one_line(x)}\n" for s, x in lines)
+    return "".join(out)
+
+
+def render_df_images(images: Iterable[DfImage], fmt: str = "table", no_trunc: bool = False,
+                     now: datetime | None = None) -> str:
+    """``docker system df -v``'s image table: REPOSITORY, TAG, IMAGE ID, CREATED, SIZE,
+    SHARED SIZE, UNIQUE SIZE, CONTAINERS; newest first."""
+    _check_format(fmt, ("table", "json"))
+    items = list(images)
+    rank = {(i.name, i.image_id): n for n, i in enumerate(_newest_first(
+        [ImageInfo(d.name, d.image_id, d.created, ()) for d in items]))}
+    items.sort(key=lambda d: rank[(d.name, d.image_id)])
+    if fmt == "json":
+        return _json([{"name": d.name, "id": d.image_id, "created": _rfc3339(d.created), "size": d.size,
+                       "shared_size": d.shared, "unique_size": d.unique, "containers": d.containers}
+                      for d in items])
+    moment = _now(now)
+    rows = [(*split_reference(d.name), _short(d.image_id, no_trunc), _since(d.created, moment), human_size(d.size),
+             human_size(d.shared), human_size(d.unique), str(d.containers)) for d in items]
+    return table(("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE", "SHARED SIZE", "UNIQUE SIZE", "CONTAINERS"),
+                 rows, minwidth=DOCKER_MINWIDTH)

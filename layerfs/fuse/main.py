@@ -53,7 +53,7 @@ PROG = "layerfs-fuse"
 DEFAULT_MODEL = "layerfs.union.fs:UnionFS"
 MODEL_ENV = "LAYERFS_FUSE_MODEL"
 TRANSPORTS = ("pyfuse3", "kernel")
-DEFAULT_TRANSPORT = "pyfuse3"
+DEFAULT_TRANSPORT = "kernel"
 TRANSPORT_ENV = "LAYERFS_FUSE_TRANSPORT"
 STATS_ENV = "LAYERFS_FUSE_STATS"
 # a model that raises EBUSY/EAGAIN (its upper still locked by a daemon that is just
@@ -73,6 +73,9 @@ empty options, as in "a,,b" or a trailing comma, are skipped):
   workdir=W            work directory on U's filesystem (required with upperdir; not
                        inside U, nor U inside it)
   userxattr            opaque markers are user.overlay.* xattrs (unprivileged stores)
+  layer_format=trusted|userxattr|files
+                       the store's on-disk format for what the upper gets (layerfs
+                       stores say it; default trusted as root, userxattr otherwise)
 Layer paths are resolved once, at mount (symlinks followed, as containers/storage's
 overlay/l/<id> links need); a missing or non-directory layer is an error (exit 1) and
 nothing is mounted. Inside the layers no symlink is ever followed.
@@ -112,6 +115,9 @@ Program options:
                   default ${TRANSPORT_ENV} or {DEFAULT_TRANSPORT}
   --passthrough auto|off
                   kernel transport: FUSE passthrough of file data when root (default auto)
+  --dir-cache on|off
+                  kernel transport: let the kernel cache directory listings (default on;
+                  off re-lists every directory through the daemon, as pyfuse3 must)
   --stats FILE    kernel transport: write request counters (JSON) to FILE on SIGUSR1 and
                   at exit (default ${STATS_ENV})
   -V, --version   print the version
@@ -154,6 +160,7 @@ class Options:
     fsname: str | None = None
     flags: list[str] = field(default_factory=list)  # kernel mount flags to pass on
     userxattr: bool = False
+    layer_format: str | None = None  # a whiteout.FORMATS name: what the upper gets written in
     volatile: bool = False  # no fsyncs of upper files, as the kernel option
     timeout: float | None = None
     foreground: bool = False
@@ -163,6 +170,7 @@ class Options:
     model: str = DEFAULT_MODEL
     transport: str = DEFAULT_TRANSPORT
     passthrough: str = "auto"
+    dir_cache: str = "on"
     stats: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -206,7 +214,7 @@ def parse_args(argv: Sequence[str]) -> Options | str:
     flags: dict[str, Any] = {"foreground": False, "debug": False, "print_pid": False, "log": None,
                              "model": os.environ.get(MODEL_ENV) or DEFAULT_MODEL,
                              "transport": os.environ.get(TRANSPORT_ENV) or DEFAULT_TRANSPORT,
-                             "passthrough": "auto", "stats": os.environ.get(STATS_ENV) or None}
+                             "passthrough": "auto", "dir_cache": "on", "stats": os.environ.get(STATS_ENV) or None}
     args = iter(argv)
     for arg in args:
         if arg in ("-h", "--help"):
@@ -228,11 +236,11 @@ def parse_args(argv: Sequence[str]) -> Options | str:
             pass
         elif arg == "--print-pid":
             flags["print_pid"] = True
-        elif arg in ("--log", "--model", "--transport", "--passthrough", "--stats"):
+        elif arg in ("--log", "--model", "--transport", "--passthrough", "--dir-cache", "--stats"):
             value = next(args, None)
             if value is None:
                 raise UsageError(f"{arg} needs an argument")
-            flags[arg[2:]] = value
+            flags[arg[2:].replace("-", "_")] = value
         elif arg == "--":
             positional += list(args)
         elif arg.startswith("-") and arg != "-":
@@ -246,6 +254,8 @@ def parse_args(argv: Sequence[str]) -> Options | str:
         raise UsageError(f"--transport {flags['transport']!r}: expected one of {', '.join(TRANSPORTS)}")
     if flags["passthrough"] not in ("auto", "off"):
         raise UsageError(f"--passthrough {flags['passthrough']!r}: expected auto or off")
+    if flags["dir_cache"] not in ("on", "off"):
+        raise UsageError(f"--dir-cache {flags['dir_cache']!r}: expected on or off")
     for key in ("log", "stats"):
         if flags[key] is not None:
             flags[key] = os.path.abspath(flags[key])  # the daemon runs in /
@@ -285,6 +295,10 @@ def _other_option(opts: Options, option: str, key: str, value: str | None) -> No
         pass
     elif option == "userxattr":
         opts.userxattr = True
+    elif key == "layer_format" and value is not None:
+        if value not in whiteout.FORMATS:
+            raise UsageError(f"layer_format={value!r}: expected one of {', '.join(whiteout.FORMATS)}")
+        opts.layer_format = value
     elif option == "volatile":
         opts.volatile = True
     elif option == "debug":
@@ -409,9 +423,9 @@ def build_model(opts: Options) -> UnionOps:
     if not opts.mountpoint.startswith("/dev/fd/") and not os.path.isdir(opts.mountpoint):
         raise LayerfsError(f"mount point {opts.mountpoint} does not exist or is not a directory")
     cls = load_model(opts.model)
-    fmt = None
-    if opts.userxattr:
-        fmt = whiteout.USERXATTR if os.geteuid() == 0 else whiteout.UNPRIVILEGED_FILES
+    fmt = whiteout.FORMATS[opts.layer_format] if opts.layer_format else None
+    if fmt is None and opts.userxattr:
+        fmt = whiteout.USERXATTR
     deadline = time.monotonic() + BUSY_RETRY_SECONDS
     while True:
         try:
@@ -516,7 +530,8 @@ def kernel_mount_config(opts: Options, euid: int) -> session_module.MountConfig:
         user.append("ro")
     return session_module.MountConfig(mountpoint=opts.mountpoint, source=fsname, subtype=PROG, flags=flags,
                                       options=options, fusermount_options=user, timeout=opts.timeout,
-                                      passthrough=opts.passthrough != "off", debug=opts.debug, stats=opts.stats)
+                                      passthrough=opts.passthrough != "off",
+                                      dir_cache=opts.dir_cache == "on", debug=opts.debug, stats=opts.stats)
 
 
 def _serve_pyfuse3(opts: Options, model: UnionOps, ready: Readiness | None) -> int:

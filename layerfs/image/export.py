@@ -297,7 +297,7 @@ def _add_to_tar(tar: tarfile.TarFile, name: str, item: bytes | _Blob, staging: s
         try:
             tar.addfile(_tarinfo(name, item.size), reader)
         except OSError as e:
-            if reader.size < item.size:  # tarfile's "unexpected end of data"
+            if e.errno is None and reader.size < item.size:  # tarfile's "unexpected end of data", not ENOSPC
                 raise DigestMismatch(
                     f"{item.what}: size mismatch: expected {item.size} bytes, got {reader.size}"
                 ) from e

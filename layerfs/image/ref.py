@@ -114,6 +114,33 @@ def normalize_ref(ref: str) -> str:
     return str(parse_ref(ref))
 
 
+DOCKER_HUB = "docker.io"
+_DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+def canonical_reference(ref: str | Reference) -> Reference:
+    """docker's normal form of a reference: the registry always named, Docker Hub's
+    official images under ``library/`` (``busybox`` -> ``docker.io/library/busybox:latest``,
+    ``demo/x:1`` -> ``docker.io/demo/x:1``, ``index.docker.io/x`` -> ``docker.io/library/x:latest``);
+    references naming another registry are returned as ``parse_ref`` gives them."""
+    r = parse_ref(ref) if isinstance(ref, str) else ref
+    domain = r.domain or DOCKER_HUB
+    path = r.path
+    if domain.lower() in _DOCKER_HUB_ALIASES:
+        domain = DOCKER_HUB
+        if "/" not in path:
+            path = f"library/{path}"
+    return Reference(domain, path, r.tag, r.digest)
+
+
+def canonical_ref(ref: str) -> str:
+    """``canonical_reference`` as a string: the name docker (and a registry) knows an image by.
+
+    ``normalize_ref`` keeps names as written; this is for comparing names across spellings
+    and for talking to registries."""
+    return str(canonical_reference(ref))
+
+
 def is_tag(value: str) -> bool:
     """True for a bare tag (``latest``, ``1.36``) as skopeo and umoci write it into a layout."""
     return bool(_TAG.fullmatch(value))

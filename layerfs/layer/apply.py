@@ -24,6 +24,9 @@ Safety (the caller deletes ``dest`` on error; nothing outside it is ever touched
   (0755 root:root) unless the lower layers show a non-directory there (a symlink planted in
   one layer and written through in the next).
 - Hardlink targets must be non-directory, non-whiteout entries already in this layer.
+- Limits count what lands on disk (``apply_layer``'s ``limits``): regular files by their
+  logical size, so a sparse member is counted with its holes (and written with them, as
+  holes); a hardlink adds a name, not data, and an export writes it as a link again.
 - Headers are checked strictly: a bad checksum, a cut header or data, data after a zero
   block are errors (``tarfile`` alone ends the archive there silently). A stream ending on a
   header boundary without end-of-archive blocks is accepted, as Go's ``archive/tar`` (and so
@@ -49,7 +52,8 @@ from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Self, cast
 
 from layerfs.digest import Readable
-from layerfs.errors import UnsafeArchive
+from layerfs.errors import LimitExceeded, UnsafeArchive
+from layerfs.layer.compression import Limits
 from layerfs.linux.files import rmtree_at
 from layerfs.union import whiteout
 from layerfs.union.view import Entry, LayerStack
@@ -71,6 +75,9 @@ _MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown
 # deeper trees break every recursive tool, shutil.rmtree included.
 MAX_PATH_BYTES = 4095
 MAX_DEPTH = 512
+# Logical bytes a layer may hold whatever its tar's size (sparse files with large holes);
+# beyond, they must be backed by tar bytes at the decompression ratio limit.
+RATIO_FREE_BYTES = 1 << 30
 
 
 @dataclass
@@ -89,12 +96,20 @@ def apply_layer(
     lowers: Sequence[str] = (),
     fmt: LayerFormat = whiteout.PRIVILEGED,
     what: str = "layer",
+    limits: Limits | None = None,
 ) -> ApplyStats:
     """Apply the (decompressed, forward-only) layer tar ``tar_stream`` to the empty
     directory ``dest``. ``lowers`` are the layers below, top first. ``tar_stream`` is not
-    closed; the caller may drain what follows the end-of-archive blocks."""
+    closed; the caller may drain what follows the end-of-archive blocks.
+
+    ``limits`` (default: ``Limits.from_env()``) bound what lands on disk, not only what
+    streams: the logical size of the regular files (a sparse member counts its full size,
+    holes included, a hardlink nothing: it adds a name, not data) may not pass
+    ``max_bytes``, nor, past ``RATIO_FREE_BYTES``, ``max_ratio`` times the tar bytes read
+    so far (a 2 KB sparse member claiming 10 GB). ``LimitExceeded`` names the entry, and
+    is raised before that entry's file is made."""
     root_fd = os.open(dest, _DIR)
-    applier = _Applier(root_fd, dest, lowers, fmt, what)
+    applier = _Applier(root_fd, dest, lowers, fmt, what, limits or Limits.from_env())
     try:
         applier.run(tar_stream)
         return ApplyStats(applier.entries, applier.size)
@@ -172,12 +187,15 @@ def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
 class _Applier:
     """One application of one tar; holds the open layer root and what is deferred."""
 
-    def __init__(self, root_fd: int, dest: str, lowers: Sequence[str], fmt: LayerFormat, what: str) -> None:
+    def __init__(self, root_fd: int, dest: str, lowers: Sequence[str], fmt: LayerFormat, what: str,
+                 limits: Limits) -> None:
         self.root_fd = root_fd
         self.fmt = fmt
         self.what = what
+        self.limits = limits
         self.entries = 0
         self.size = 0
+        self.logical = 0  # logical bytes of the regular files written (see ``apply_layer``)
         # this layer over the lowers: what a missing parent would be created over. This layer
         # is written while the view is consulted: each lookup reads it afresh (the lowers once)
         self.union = LayerStack([dest, *lowers], top_changes=True) if lowers else None
@@ -229,7 +247,9 @@ class _Applier:
                 raise
             msg = str(e)
             if isinstance(e, OSError) and e.errno:
-                msg = os.strerror(e.errno) + (f" ({e.filename})" if e.filename else "")
+                # a filename that is an int is an fd of ours: the entry names the file already
+                named = e.filename is not None and not isinstance(e.filename, int)
+                msg = os.strerror(e.errno) + (f" ({e.filename})" if named else "")
             raise self._err(current, msg) from e
 
     def _member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
@@ -402,6 +422,7 @@ class _Applier:
             if m.isdir():
                 self._mkdir(parent, name, path, m, opaque=over_whiteout)
             elif m.isreg():
+                self._account(tf, m)
                 self._regular(tf, parent, name, m)
             elif link_src is not None:
                 os.link(link_src[1], name, src_dir_fd=link_src[0], dst_dir_fd=parent, follow_symlinks=False)
@@ -448,6 +469,21 @@ class _Applier:
         finally:
             os.close(fd)
         self.dirs[path] = (m.mode & 0o7777, self._times(m), self.entries)
+
+    def _account(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        """Count ``m``'s logical size against the limits before its file exists."""
+        self.logical += m.size
+        lim = self.limits
+        sparse = " (a sparse file: its holes count)" if m.sparse is not None else ""
+        if self.logical > lim.max_bytes:
+            raise LimitExceeded(
+                f"{self.what}: {m.name!r}: the layer's files would take {self.logical} bytes{sparse}, past the "
+                f"limit of {lim.max_bytes} bytes (LAYERFS_MAX_LAYER_BYTES)", m.name)
+        streamed = max(tf.offset, 1)  # tar bytes read so far, this member's header included
+        if self.logical > max(lim.min_ratio_bytes, RATIO_FREE_BYTES) and self.logical > lim.max_ratio * streamed:
+            raise LimitExceeded(
+                f"{self.what}: {m.name!r}: the layer's files would take {self.logical} bytes from "
+                f"{streamed} bytes of tar{sparse}: more than {lim.max_ratio:g} times (LAYERFS_MAX_RATIO)", m.name)
 
     def _regular(self, tf: tarfile.TarFile, parent: int, name: str, m: tarfile.TarInfo) -> None:
         fd = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
@@ -562,8 +598,11 @@ class _Applier:
             except OSError as e:
                 # As containerd: a filesystem or an entry type that cannot hold the
                 # attribute (user.* on a symlink) loses it, with a warning.
-                if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                if e.errno in _ENVIRONMENT:
                     raise
+                if e.errno not in (errno.ENOTSUP, errno.EPERM):
+                    # (an fd is no name to show: say which entry and which attribute)
+                    raise self._err(m.name, f"cannot set xattr {attr} ({len(raw)} bytes): {e.strerror}") from e
                 log.warning("%s: %r: xattr %s not kept: %s", self.what, m.name, attr, e.strerror)
 
     def _finish_dirs(self) -> None:

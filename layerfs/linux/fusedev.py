@@ -7,7 +7,9 @@
   environment, the device fd back as ``SCM_RIGHTS``);
 - ``backing_open``/``backing_close``: ``FUSE_DEV_IOC_BACKING_OPEN``/``_CLOSE`` (FUSE
   passthrough: register a real file the kernel then reads and writes itself);
-- ``has_cap_sys_admin``: whether this process may register backing files at all.
+- ``has_cap_sys_admin``: whether this process may register backing files at all;
+- ``set_readahead``: the readahead window of a FUSE mount's backing device info (the kernel
+  starts every FUSE mount at 128 KiB and INIT can only lower it; root may raise it in sysfs).
 
 Errors are ``OSError`` with the kernel's errno (``fusermount_*``: ``OSError`` carrying
 fusermount3's message).
@@ -24,6 +26,7 @@ import struct
 import subprocess
 
 from layerfs.linux.libc import check, libc
+from layerfs.linux.mountinfo import mount_table
 
 DEVICE = "/dev/fuse"
 FUSERMOUNT = ("/usr/bin/fusermount3", "/bin/fusermount3")
@@ -153,3 +156,20 @@ def has_cap_sys_admin() -> bool:
     except (OSError, ValueError):
         pass
     return False
+
+
+def set_readahead(mountpoint: str, kib: int) -> bool:
+    """Set the readahead window of the FUSE mount on ``mountpoint`` (the newest mount there)
+    to ``kib`` KiB through ``/sys/class/bdi/MAJOR:MINOR/read_ahead_kb``; False when it
+    cannot (not root, no such mount, no sysfs). Reads the mount table only: it never touches
+    the mount itself, so a daemon may call it for its own mount from its serving loop."""
+    entries = [e for e in mount_table() if e.mount_point == mountpoint and e.fs_type.startswith("fuse")]
+    if not entries:
+        return False
+    major, minor = entries[-1].dev
+    try:
+        with open(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb", "w", encoding="ascii") as f:
+            f.write(f"{kib}\n")
+    except OSError:
+        return False
+    return True

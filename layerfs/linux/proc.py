@@ -8,6 +8,9 @@ peers) it is gone. A pid of another user's process counts as alive (its stat is 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 
 def stat_fields(pid: int) -> list[str] | None:
     """The fields of ``/proc/<pid>/stat`` from field 3 (state) on, or None without such a process."""
@@ -26,6 +29,37 @@ def pid_alive(pid: int | None) -> bool:
         return False
     fields = stat_fields(pid)
     return fields is not None and bool(fields) and fields[0] not in ("Z", "X")
+
+
+def command_line(pid: int) -> list[bytes] | None:
+    """The arguments of ``pid`` (``/proc/<pid>/cmdline``), or None without such a process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data.split(b"\0")
+
+
+def command_lines() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, arguments) of every live process but this one."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        argv = command_line(int(entry))
+        if argv is not None and pid_alive(int(entry)):
+            yield int(entry), argv
+
+
+def in_initial_userns() -> bool:
+    """Whether this process runs in the initial user namespace (uid_map: the identity map
+    of all 2^32 ids). Unreadable counts as the initial one (no user namespaces at all)."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
 
 
 def boot_id() -> str:

@@ -28,12 +28,12 @@ import sys
 import time
 
 from layerfs.errors import InvalidArgument, LayerfsError, NotFound, Unsupported
-from layerfs.linux.proc import pid_alive
+from layerfs.linux.fusedev import FUSERMOUNT
+from layerfs.linux.proc import command_line, pid_alive
 from layerfs.mount import kernel
 from layerfs.mount.spec import BIND, FUSE, FUSE_PROGRAM, OVERLAY, MountSpec, escape_path, is_fuse_type
 
 PROGRAM = "layerfs.fuse.main"
-FUSERMOUNT = ("/usr/bin/fusermount3", "/bin/fusermount3")
 # the union types by name; is_union_type also takes the ones naming the program absolutely
 UNION_TYPES = frozenset({OVERLAY, FUSE, f"fuse.{FUSE_PROGRAM}"})
 
@@ -60,28 +60,30 @@ def program_path() -> str:
         "into this Python's environment")
 
 
-def program_options(spec: MountSpec) -> list[str]:
-    """The ``-o`` options that make ``layerfs-fuse`` serve ``spec``."""
+def program_options(spec: MountSpec, layer_format: str | None = None) -> list[str]:
+    """The ``-o`` options that make ``layerfs-fuse`` serve ``spec``; ``layer_format`` (a
+    ``whiteout.FORMATS`` name, the store's) says how its upper is written."""
+    fmt = [f"layer_format={layer_format}"] if layer_format is not None else []
     if is_union_type(spec.type):
         if not spec.lowers:
             raise InvalidArgument(f"{spec.type} spec without lowerdir: {spec}")
-        return list(spec.options)
+        return [*spec.options, *fmt]
     if spec.type == BIND:
         if not spec.readonly:
             raise InvalidArgument(f"a writable bind mount of {spec.source} is the kernel backend's job, not FUSE's")
         extra = [o for o in spec.options if o not in ("ro", "rw", "bind", "rbind")]
-        return ["lowerdir=" + escape_path(spec.source), "ro", *extra]
+        return ["lowerdir=" + escape_path(spec.source), "ro", *extra, *fmt]
     raise InvalidArgument(f"the FUSE backend cannot mount type {spec.type!r}")
 
 
-def command(spec: MountSpec, target: str, *, log: str | None = None) -> list[str]:
+def command(spec: MountSpec, target: str, *, log: str | None = None, layer_format: str | None = None) -> list[str]:
     """The argv that mounts ``spec`` on ``target`` and prints the daemon's pid.
 
     ``-P``: the caller's working directory is not put on the program's import path (a
     stray ``layerfs`` there must not be what serves the mount); ``program_env`` points
     the import path at this very ``layerfs`` instead.
     """
-    argv = [sys.executable, "-P", "-m", PROGRAM, "--print-pid", "-o", ",".join(program_options(spec))]
+    argv = [sys.executable, "-P", "-m", PROGRAM, "--print-pid", "-o", ",".join(program_options(spec, layer_format))]
     if log is not None:
         argv += ["--log", log]
     return [*argv, os.path.abspath(target)]
@@ -95,7 +97,8 @@ def program_env() -> dict[str, str]:
     return env
 
 
-def mount(spec: MountSpec, target: str, *, log: str | None = None, timeout: float = 60.0) -> int:
+def mount(spec: MountSpec, target: str, *, log: str | None = None, timeout: float = 60.0,
+          layer_format: str | None = None) -> int:
     """Mount ``spec`` on the existing directory ``target``; returns the serving daemon's pid.
 
     Raises ``NotFound`` (no target), ``InvalidArgument`` (a spec or option the program
@@ -107,7 +110,7 @@ def mount(spec: MountSpec, target: str, *, log: str | None = None, timeout: floa
         raise NotFound(f"cannot mount {spec.type} on {target}: the target does not exist or is not a directory")
     if not os.path.exists("/dev/fuse"):
         raise Unsupported("/dev/fuse does not exist: this machine cannot serve FUSE mounts")
-    argv = command(spec, target, log=log)
+    argv = command(spec, target, log=log, layer_format=layer_format)
     try:
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
                            env=program_env())
@@ -130,10 +133,8 @@ def mount(spec: MountSpec, target: str, *, log: str | None = None, timeout: floa
 def is_daemon(pid: int, target: str | None = None) -> bool:
     """Whether ``pid`` is a layerfs-fuse daemon (serving ``target``, if given), so that a
     recycled pid is never signalled."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
+    argv = command_line(pid)
+    if argv is None:
         return False
     if not any(a.endswith((b"layerfs.fuse.main", b"layerfs-fuse")) for a in argv):
         return False

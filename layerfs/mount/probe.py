@@ -26,8 +26,10 @@ import tempfile
 from dataclasses import dataclass, field
 
 from layerfs.linux.files import getdents
+from layerfs.linux.fusedev import FUSERMOUNT
 from layerfs.linux.mountapi import FsContext
 from layerfs.linux.mountinfo import MountEntry, mount_table
+from layerfs.linux.proc import in_initial_userns
 
 OVL_MAX_STACK = 500  # fs/overlayfs/params.h: the most lower layers one overlay may have
 CAP_SYS_ADMIN = 21
@@ -48,6 +50,11 @@ class KernelInfo:
     layers_via_fd: bool
     redirect_dir: bool
     max_layers: int = OVL_MAX_STACK
+    # CAP_SYS_ADMIN in this process's own user namespace: enough for an overlay with
+    # ``userxattr`` in a user namespace (kernel >= 5.11), not for trusted.* xattrs
+    can_mount: bool = False
+    # FUSE mounts: /dev/fuse readable and writable, and (not as root) a setuid fusermount3
+    fuse_usable: bool = False
     why: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def explain(self) -> str:
@@ -74,15 +81,6 @@ def _effective_caps() -> int:
     return 0
 
 
-def _initial_userns() -> bool:
-    """Whether we run in the initial user namespace (identity uid map over all 2^32 ids)."""
-    try:
-        with open("/proc/self/uid_map", encoding="ascii") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return True
-
-
 @functools.cache
 def probe() -> KernelInfo:
     """Probe the kernel once per process. Never raises for a missing feature: it says False."""
@@ -105,7 +103,7 @@ def probe() -> KernelInfo:
                 f"overlay is not in /proc/filesystems and fsopen('overlay') failed: {e.strerror}"
             )
 
-    in_init_ns = _initial_userns()
+    in_init_ns = in_initial_userns()
     has_admin = bool(_effective_caps() >> CAP_SYS_ADMIN & 1)
     privileged = os.geteuid() == 0 and has_admin and in_init_ns
     why["privileged"] = (
@@ -113,6 +111,13 @@ def probe() -> KernelInfo:
         f"{'initial' if in_init_ns else 'a child'} user namespace"
         + ("" if in_init_ns else " (trusted.* xattrs and 0/0 whiteouts need the initial one)")
     )
+    can_mount = has_admin and (in_init_ns or version >= (5, 11))
+    why["can_mount"] = (
+        f"CAP_SYS_ADMIN {'present' if has_admin else 'absent'} in "
+        f"{'the initial' if in_init_ns else 'this'} user namespace"
+        + ("" if has_admin else " (mount overlays as root, or inside unshare --user --map-root-user --mount)")
+    )
+    fuse_usable, why["fuse_usable"] = _probe_fuse(os.geteuid() == 0)
     userns = version >= (5, 11)
     why["userns_overlay"] = (
         f"kernel {version[0]}.{version[1]} {'>=' if userns else '<'} 5.11 (FS_USERNS_MOUNT for overlay)"
@@ -147,8 +152,31 @@ def probe() -> KernelInfo:
         lowerdir_plus=lowerdir_plus,
         layers_via_fd=layers_via_fd,
         redirect_dir=redirect,
+        can_mount=can_mount,
+        fuse_usable=fuse_usable,
         why=why,
     )
+
+
+def _probe_fuse(root: bool) -> tuple[bool, str]:
+    """Whether this process can serve a FUSE mount: /dev/fuse open for read and write, and
+    unless root a setuid-root ``fusermount3`` to mount it."""
+    if not os.path.exists("/dev/fuse"):
+        return False, "/dev/fuse does not exist"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        mode = oct(os.stat("/dev/fuse").st_mode & 0o777)
+        return False, f"/dev/fuse (mode {mode}) is not readable and writable by uid {os.getuid()}"
+    if root:
+        return True, "/dev/fuse is readable and writable; root mounts it itself"
+    for prog in FUSERMOUNT:
+        try:
+            st = os.stat(prog)
+        except OSError:
+            continue
+        if st.st_uid == 0 and st.st_mode & 0o4000:
+            return True, f"/dev/fuse is readable and writable; {prog} is setuid root"
+        return False, f"{prog} is not setuid root, so an unprivileged user cannot mount FUSE"
+    return False, "fusermount3 is not installed (Debian package fuse3)"
 
 
 def _probe_lowerdir_plus() -> tuple[bool, bool, str, str]:

@@ -24,6 +24,7 @@ CHUNK = 1 << 20
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        failpoint.fault("store.fsync", path)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -54,6 +55,7 @@ class Ingest:
     def read(self, n: int = -1) -> bytes:
         data = self.reader.read(n if n is not None and n >= 0 else CHUNK)
         if data:
+            failpoint.fault("store.write", self.tmp_path)
             self._out.write(data)
         return data
 
@@ -65,6 +67,7 @@ class Ingest:
         while self.read(CHUNK):
             pass
         self._out.flush()
+        failpoint.fault("store.fsync", self.tmp_path)
         os.fsync(self._out.fileno())
         self._out.close()
         digest = self.reader.verify()
@@ -80,6 +83,7 @@ class Ingest:
         if os.path.exists(final):
             os.unlink(self.tmp_path)  # identical content already stored
             return False
+        failpoint.fault("store.rename", final)
         os.rename(self.tmp_path, final)
         failpoint.hit("content.after-rename")
         fsync_dir(self.content.blob_dir)

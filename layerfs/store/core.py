@@ -9,6 +9,7 @@ Layout (ARCHITECTURE.md has the whole store format)::
       snapshots/<id>/fs  layer or upper contents, overlayfs on-disk format
       snapshots/<id>/work overlay workdir (active snapshots)
       tmp/               staging (new-*, ingest-*): garbage after a crash
+      reserve            room for the commands that free space on a full disk (``make_room``)
 
 ``Store`` owns snapshots (layers, uppers, their labels), blobs and images; the records of
 containers and mounts are its ``containers`` and ``mounts`` (``layerfs.store.records``).
@@ -32,16 +33,33 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from layerfs import failpoint
 from layerfs.digest import Digest
 from layerfs.errors import AlreadyExists, FailedPrecondition, InUse, InvalidArgument, NotFound, StoreError
 from layerfs.store.content import ContentStore, Ingest, fsync_dir
 from layerfs.store.records import ContainerRecord, ContainerRecords, MountRecords
-from layerfs.store.schema import Metadata, now_ns
+from layerfs.store.schema import Metadata, is_space_error, now_ns
+from layerfs.text import human_size
 from layerfs.union import whiteout
 
 IMAGE_LAYER_LABEL = "layerfs.io/image-layer"
+# Room kept on the store's disk for the commands that free space (a full disk must not lock
+# the user out): deleted when the disk is full, made again when there is room.
+RESERVE_FILE = "reserve"
+DEFAULT_RESERVE_BYTES = 8 << 20
+RESERVE_SLICE = 1 << 20  # given back per full-disk episode (a quarter to open the database)
+
+
+def reserve_bytes() -> int:
+    """The size of the reserve file: ``LAYERFS_RESERVE_BYTES`` (0: none), default 8 MiB."""
+    raw = os.environ.get("LAYERFS_RESERVE_BYTES", "").strip()
+    try:
+        return max(int(raw), 0) if raw else DEFAULT_RESERVE_BYTES
+    except ValueError:
+        raise InvalidArgument(f"LAYERFS_RESERVE_BYTES={raw!r}: expected a number of bytes") from None
+_T = TypeVar("_T")
 
 
 def default_root() -> str:
@@ -117,7 +135,15 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot create store at {self.root}: {e.strerror}") from e
         self.tmp_dir = os.path.join(self.root, "tmp")
-        self.meta = Metadata(os.path.join(self.root, "meta.db"))
+        try:
+            self.meta = Metadata(os.path.join(self.root, "meta.db"))
+        except StoreError as e:
+            # a full disk: SQLite cannot make its shared-memory file; the reserve is for this
+            if not (is_space_error(e) and self.release_reserve(RESERVE_SLICE // 4)):
+                raise
+            self.meta = Metadata(os.path.join(self.root, "meta.db"))
+        self.keep_reserve()
+        self.free_at_open = self._free_or_zero()
         self.content = ContentStore(os.path.join(self.root, "blobs"), self.tmp_dir)
         self.containers = ContainerRecords(self.meta)
         self.mounts = MountRecords(self.meta)
@@ -136,14 +162,111 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- room on a full disk --------------------------------------------------------------
+    @property
+    def reserve_path(self) -> str:
+        return os.path.join(self.root, RESERVE_FILE)
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged process may still write on the store's filesystem (root
+        may have the blocks kept for root too, but not those ext4 keeps for itself, which
+        ``f_bfree`` counts: ``f_bavail`` is the measure that errs on the safe side)."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def _free_or_zero(self) -> int:
+        try:
+            return self.free_bytes()
+        except OSError:
+            return 0
+
+    def space_note(self, needed: int | None = None) -> str:
+        """For an error of a full disk: how much room there was and how much was needed
+        (``needed`` when the operation knows it; else at least what was free when the
+        store was opened, which it used up)."""
+        now = self._free_or_zero()
+        need = (f"it needs about {human_size(needed)}" if needed is not None
+                else f"it needed more than the {human_size(self.free_at_open)} free when it started")
+        return f"{need}, {human_size(now)} free now on the filesystem of {self.root}"
+
+    def keep_reserve(self) -> None:
+        """Make the reserve file ``reserve_bytes()`` long (allocated, not sparse) if it is
+        missing or shorter, when the disk has room for what is missing twice over. Never
+        an error: it is a precaution."""
+        size = reserve_bytes()
+        if not size:
+            return
+        try:
+            have = os.lstat(self.reserve_path).st_blocks * 512
+        except FileNotFoundError:
+            have = 0
+        except OSError:
+            return
+        if have >= size:
+            return
+        try:
+            if self.free_bytes() < 2 * (size - have):
+                return
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def release_reserve(self, amount: int = RESERVE_SLICE) -> int:
+        """Give ``amount`` bytes of the reserve file back to the disk (it is cut shorter, so
+        the rest stays for the next time the disk is full); the bytes freed (0: none left)."""
+        try:
+            fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return 0
+        try:
+            st = os.fstat(fd)
+            before = st.st_blocks * 512
+            os.ftruncate(fd, max(0, min(st.st_size, before) - amount))
+            return max(0, before - os.fstat(fd).st_blocks * 512)
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
+
+    def make_room(self) -> None:
+        """Before an operation that frees space (umount, rm, rmi, gc, fsck --repair): on a
+        disk (nearly) full, give a slice of the reserve back, so the database can record
+        the change. ``keep_reserve`` makes it whole again once there is room."""
+        try:
+            if self.free_bytes() < RESERVE_SLICE:
+                self.release_reserve(RESERVE_SLICE)
+        except OSError:
+            pass
+
     def read_transaction(self) -> contextlib.AbstractContextManager[None]:
         """One read transaction: every query inside sees the same state of the database."""
         return self.meta.read_transaction()
 
+    def reading(self, fn: Callable[[], _T], attempts: int = 5) -> _T:
+        """``fn()`` in one read transaction, so it sees one state of the database; retried
+        (up to ``attempts`` times) when it fails on something that vanished (``NotFound``,
+        ``StoreError``, ``FileNotFoundError``: a blob or layer directory a concurrent rmi,
+        gc or rm deleted after its rows went) and another process committed meanwhile.
+        Files go only after their rows, so the next state no longer lists what vanished.
+        What read-only commands (images, ps, history, diff, df) run their reads in."""
+        for attempt in range(attempts):
+            before = self.meta.data_version()
+            try:
+                with self.meta.read_transaction():
+                    return fn()
+            except (NotFound, StoreError, FileNotFoundError):
+                if attempt + 1 >= attempts or self.meta.in_transaction() or self.meta.data_version() == before:
+                    raise
+        raise AssertionError("unreachable")
+
     def _layer_format(self) -> whiteout.LayerFormat:
         opaque = self.meta.get_meta("opaque_xattr")
         if opaque is None:
-            fmt = whiteout.default_format()
+            fmt = whiteout.default_format(self.tmp_dir)  # by trying what this user may write there
             with self.meta.transaction() as db:
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('opaque_xattr', ?)", (fmt.opaque_xattr,))
                 db.execute(
@@ -186,6 +309,26 @@ class Store:
 
     def exclusive_lock(self) -> contextlib.AbstractContextManager[None]:
         return self._flock(fcntl.LOCK_EX, "an import is running")
+
+    @contextlib.contextmanager
+    def exclusive_if_free(self) -> Iterator[bool]:
+        """The exclusive store lock if nobody holds the store lock now (never waited for):
+        yields True while it is held here, False (nothing held) otherwise. fsck lists the
+        staging and the directories under it, so no import or creation is halfway."""
+        if self._lock_depth:
+            yield False
+            return
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        self._lock_depth, self._lock_mode = 1, fcntl.LOCK_EX
+        try:
+            yield True
+        finally:
+            self._lock_depth = 0
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def try_exclusive(self) -> bool:
         """True when no other process holds the store lock right now (checked, not kept)."""
@@ -260,6 +403,7 @@ class Store:
         if os.path.lexists(target):
             # A directory the database does not know (left by a crash): garbage.
             shutil.rmtree(target)
+        failpoint.fault("store.rename", target)
         os.rename(staging, target)
         return target
 
@@ -335,6 +479,7 @@ class Store:
     def remove_container(self, name: str, key: str) -> None:
         """Remove container ``name``: its row and its active snapshot ``key``, in one
         transaction. Refused while it is mounted (stale mount records are dropped first)."""
+        self.make_room()  # it frees space: it must work on a full disk
         self.mounts.prune()
         target = self.mounts.target_of(key)
         if target is not None:
@@ -356,6 +501,8 @@ class Store:
                 in_txn(db, row["id"])
             db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (row["id"],))
             db.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
+            failpoint.hit("remove.before-commit")
+        failpoint.hit("remove.after-commit")
         shutil.rmtree(self.snapshot_dir(row["id"]), ignore_errors=True)
 
     def work_dir(self, sid: int) -> str:
@@ -421,7 +568,9 @@ class Store:
                      row["created_ns"])
 
     def list_images(self) -> list[Image]:
-        return [self._image(r) for r in self.meta.db.execute("SELECT * FROM images ORDER BY name")]
+        images = [self._image(r) for r in self.meta.db.execute("SELECT * FROM images ORDER BY name")]
+        failpoint.hit("store.images-listed")  # (where a reader meets a concurrent rmi, in tests)
+        return images
 
     def commit_image(
         self,

@@ -21,6 +21,7 @@ import shutil
 import sqlite3
 from collections.abc import Sequence
 
+from layerfs import failpoint
 from layerfs.digest import Digest
 from layerfs.errors import InUse, NotFound
 from layerfs.store.core import IMAGE_LAYER_LABEL, Store
@@ -33,6 +34,7 @@ def remove_images(store: Store, names: Sequence[str], force: bool = False) -> tu
     created from; a forced removal keeps the layers the container stands on. Returns
     (layers, blobs) removed.
     """
+    store.make_room()  # it frees space: it must work on a full disk
     store.mounts.prune()
     for name in names:
         img = store.get_image(name)
@@ -43,14 +45,12 @@ def remove_images(store: Store, names: Sequence[str], force: bool = False) -> tu
         if container is not None and not force:
             raise InUse(f"image {name} is used by container {container} (remove it, or use --force)")
     with store.exclusive_lock():
-        with store.meta.transaction() as db:
-            for name in names:
-                db.execute("DELETE FROM images WHERE name=?", (name,))
-        return _collect(store)
+        return _collect(store, untag=names)  # untag and collect in one transaction
 
 
 def collect(store: Store) -> tuple[list[Digest], list[Digest]]:
     """Drop image layers and blobs no image needs (``layerfs gc``). Returns (layers, blobs) removed."""
+    store.make_room()  # it frees space: it must work on a full disk
     store.mounts.prune()
     with store.exclusive_lock():
         return _collect(store)
@@ -76,12 +76,16 @@ def _needed_snapshot_ids(db: sqlite3.Connection) -> set[int]:
     return needed
 
 
-def _collect(store: Store) -> tuple[list[Digest], list[Digest]]:
+def _collect(store: Store, untag: Sequence[str] = ()) -> tuple[list[Digest], list[Digest]]:
+    """Remove the names ``untag``, then what no image needs, in one transaction: a crash
+    leaves the store before the rmi or after it, never halfway (files go after the commit)."""
     # Mounted chains are gc roots (see ``_needed_snapshot_ids``): nothing mounted is removed.
     removed_layers: list[Digest] = []
     removed_blobs: list[Digest] = []
     dirs: list[str] = []
     with store.meta.transaction() as db:
+        for name in untag:
+            db.execute("DELETE FROM images WHERE name=?", (name,))
         needed = _needed_snapshot_ids(db)
         rows = db.execute("SELECT id, key FROM snapshots ORDER BY id DESC").fetchall()
         for row in rows:  # children have larger ids than their parents: delete them first
@@ -99,12 +103,16 @@ def _collect(store: Store) -> tuple[list[Digest], list[Digest]]:
                 continue
             db.execute("DELETE FROM blobs WHERE digest=?", (row["digest"],))
             removed_blobs.append(Digest(row["digest"]))
+        failpoint.hit("gc.before-commit")
+    failpoint.hit("gc.after-commit")
     # Delete files only after the transaction committed.
     for d in dirs:
         shutil.rmtree(d, ignore_errors=True)
+        failpoint.hit("gc.layer-deleted")
     for d in removed_blobs:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(store.content.path(d))
+        failpoint.hit("gc.blob-deleted")
     return removed_layers, removed_blobs
 
 

@@ -21,7 +21,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from layerfs.digest import Digest
-from layerfs.errors import AlreadyExists
+from layerfs.errors import AlreadyExists, InUse
 from layerfs.linux.mountinfo import mount_table
 from layerfs.linux.proc import boot_id, pid_alive
 from layerfs.store.schema import Metadata
@@ -58,6 +58,11 @@ class ContainerRecord:
                    row["snapshot_id"], row["created_ns"])
 
 
+def describe_mount(rec: MountRecord) -> str:
+    """``kernel, pid -`` / ``fuse, pid 123``: how a mount is served, for messages."""
+    return f"{rec.backend}, pid {rec.pid if rec.pid is not None else '-'}"
+
+
 def _mount_points() -> set[str]:
     """Every mount point of the calling process (``/proc/self/mountinfo``)."""
     return {m.mount_point for m in mount_table()}
@@ -83,9 +88,15 @@ class MountRecords:
                 # record keeps its daemon's pid.
                 alive = rec.boot_id == boot and (rec.target in points or pid_alive(rec.pid))
                 (live if alive else stale).append(rec)
-        if prune and stale:
-            with self.meta.transaction() as db:
-                db.executemany("DELETE FROM mounts WHERE target=?", [(r.target,) for r in stale])
+        # Dropping stale records is tidying, never needed for the answer: not inside a
+        # read transaction (a reader must not write), and not an error when the database
+        # cannot be written (a full disk, a read-only store)
+        if prune and stale and not self.meta.in_transaction():
+            try:
+                with self.meta.transaction() as db:
+                    db.executemany("DELETE FROM mounts WHERE target=?", [(r.target,) for r in stale])
+            except sqlite3.OperationalError:
+                pass
         return live
 
     def prune(self) -> None:
@@ -102,11 +113,25 @@ class MountRecords:
         row = self.meta.db.execute("SELECT target FROM mounts WHERE snapshot_key=?", (snapshot_key,)).fetchone()
         return None if row is None else str(row["target"])
 
-    def add(self, rec: MountRecord) -> None:
-        """Record ``rec``; AlreadyExists when its target has a record already."""
+    def add(self, rec: MountRecord, what: str | None = None) -> None:
+        """Record ``rec``; AlreadyExists when its target has a record already, and, for a
+        read-write ``rec``, InUse when its snapshot has a live read-write record (mounted,
+        or being mounted by a live process): one writer per upper. Checked and written in
+        one transaction, so two concurrent mounts cannot both pass."""
         with self.meta.transaction() as db:
             if db.execute("SELECT 1 FROM mounts WHERE target=?", (rec.target,)).fetchone():
                 raise AlreadyExists(f"{rec.target} already has a layerfs mount")
+            if not rec.readonly:
+                rows = db.execute("SELECT * FROM mounts WHERE snapshot_key=? AND readonly=0 ORDER BY created_ns",
+                                  (rec.snapshot_key,)).fetchall()
+                points, boot = (_mount_points(), boot_id()) if rows else (set(), "")
+                for r in rows:
+                    other = MountRecord.from_row(r)
+                    if other.boot_id == boot and (other.target in points or pid_alive(other.pid)):
+                        raise InUse(f"{what or 'snapshot ' + rec.snapshot_key} is already mounted read-write at {other.target} "
+                                    f"({describe_mount(other)}): one read-write mount at a time; "
+                                    f"unmount it first (layerfs umount {other.target})")
+                    db.execute("DELETE FROM mounts WHERE target=?", (other.target,))  # stale
             db.execute("INSERT INTO mounts VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (rec.target, rec.snapshot_key, rec.backend, int(rec.readonly), rec.pid, rec.boot_id,
                         rec.created_ns))

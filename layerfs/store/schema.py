@@ -97,6 +97,20 @@ CREATE TABLE IF NOT EXISTS image_blobs (
 """
 
 
+# what SQLite says when it cannot grow meta.db, its WAL or its shared-memory file
+_SPACE_MESSAGES = ("database or disk is full", "disk I/O error")
+
+
+def is_space_error(e: BaseException) -> bool:
+    """Whether ``e`` (or what it was raised from) is SQLite failing for want of disk space
+    (an I/O error counts: the shared-memory file cannot grow on a full disk)."""
+    while e is not None:
+        if isinstance(e, sqlite3.OperationalError) and any(m in str(e) for m in _SPACE_MESSAGES):
+            return True
+        e = e.__cause__  # type: ignore[assignment]
+    return False
+
+
 def now_ns() -> int:
     return time.time_ns()
 
@@ -128,25 +142,48 @@ class Metadata:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; commits on success, rolls back on any exception."""
-        self.db.execute("BEGIN IMMEDIATE")
+        """One write transaction; commits on success, rolls back on any exception.
+        A database that cannot be written for want of space is a one-line ``StoreError``."""
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                if self.db.in_transaction:  # (SQLite may have rolled back already)
+                    self.db.execute("ROLLBACK")
+                raise
+            else:
+                self.db.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+            if is_space_error(e):
+                raise StoreError(f"cannot write the store database {self.path}: {e} (is its disk full?)") from e
             raise
-        else:
-            self.db.execute("COMMIT")
 
     @contextlib.contextmanager
     def read_transaction(self) -> Iterator[None]:
         """One read transaction (``BEGIN``, deferred): every query inside sees the same
-        state of the database. Ends with ``COMMIT`` however the block ends (nothing to undo)."""
+        state of the database. Ends with ``COMMIT`` however the block ends (nothing to undo).
+        Inside a transaction already, it is that one (nested reads share its state)."""
+        if self.db.in_transaction:
+            yield
+            return
         self.db.execute("BEGIN")
         try:
+            # the first read fixes the state this transaction sees (WAL snapshot)
+            self.db.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
             yield
         finally:
             self.db.execute("COMMIT")
+
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection committed (``PRAGMA data_version``)."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     def get_meta(self, k: str) -> str | None:
         row = self.db.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()

@@ -199,6 +199,9 @@ class UnionCore:
                 handle = self._fhs.get(h)
                 if handle is not None and handle.upper:
                     return handle.fd, None
+            if node.indexed and not node.dead and self._upper is not None:
+                # every upper name went, names still lower remain (see _hold_unlinked)
+                return self._upper.index_fd, self._index_name(node.number)
             raise oserror(errno.ENOENT, "the file has no name left")
         return self._upper_fd(parent), node.name
 
@@ -502,12 +505,43 @@ class UnionCore:
         node.gen += 1
         self._gen += 1  # also after the lock was released: a listing taken meanwhile is stale
         if node.lower_key is not None:
-            self._link_aliases(node, hit)
+            self._link_aliases(node, hit, st.st_nlink)
         return released
 
     @staticmethod
     def _index_name(number: int) -> bytes:
         return b"%d" % number  # the copy's number, as in its origin record
+
+    @staticmethod
+    def _held_name(number: int, k: int) -> bytes:
+        return b"%d.%d" % (number, k)
+
+    def _held_links(self, number: int) -> list[bytes]:
+        """The index's extra links of the copy ``number``: one per name of the lower
+        hardlink that still shows the lower file (see ``_hold_unlinked``), densely numbered."""
+        assert self._upper is not None
+        names: list[bytes] = []
+        while _lexists(self._upper.index_fd, self._held_name(number, len(names))):
+            names.append(self._held_name(number, len(names)))
+        return names
+
+    def _hold_unlinked(self, node: Node, lower_nlink: int) -> None:
+        """After a copy-up linked what it could reach: hold one more index link for every
+        name of the lower inode not linked in the upper (below a directory renamed before
+        the copy-up, not looked up since; or hidden by a lower layer), so the copy's link
+        count stays the lower one, as kernel overlayfs with index=on reports it ("L+0"),
+        in this mount and after a remount. ``_link_from_index`` gives one back for every
+        such name it links later."""
+        assert self._upper is not None
+        if not node.indexed:
+            return  # no index link to count against (one existed already, not this file's)
+        fd, name = self._at(node)
+        real = os.stat(name, dir_fd=fd, follow_symlinks=False) if name is not None else os.fstat(fd)
+        have = len(self._held_links(node.number))
+        upper_names = real.st_nlink - 1 - have
+        for k in range(have, lower_nlink - upper_names):
+            os.link(self._index_name(node.number), self._held_name(node.number, k),
+                    src_dir_fd=self._upper.index_fd, dst_dir_fd=self._upper.index_fd, follow_symlinks=False)
 
     def _link_from_index(self, parent: Node, name: bytes, key: tuple[int, int]) -> Node | None:
         """A name of a lower hardlink whose copy is in the index (copied up before, under
@@ -524,19 +558,25 @@ class UnionCore:
         self._copy_up_dirs(parent)
         pfd = self._upper_fd(parent)
         os.link(iname, name, src_dir_fd=upper.index_fd, dst_dir_fd=pfd, follow_symlinks=False)
+        held = self._held_links(int(iname))
+        if held:
+            os.unlink(held[-1], dir_fd=upper.index_fd)  # this name counts in the upper now
         return self._upper_file_node(parent, name, pfd, os.stat(name, dir_fd=pfd, follow_symlinks=False))
 
-    def _link_aliases(self, node: Node, hit: LowerHit) -> None:
+    def _link_aliases(self, node: Node, hit: LowerHit, lower_nlink: int) -> None:
         """After copying up a lower hardlink: link the copy at every other name of the same
         lower inode (same layer, same st_dev/st_ino) that the union still shows, so the names
         stay one file, in this mount and after a remount (the upper holds the hardlinks; no
         index is needed). A name is visible when looking its lower path up in the union finds
-        this very node; whited-out or replaced names are not, and are left alone."""
+        this very node; whited-out or replaced names are not, and are left alone. Names it
+        cannot reach (below a directory renamed before, not looked up since) keep a link in
+        the index instead (``_hold_unlinked``) until a lookup links them."""
         key = node.lower_key
         assert key is not None and self._upper is not None
         self._table.by_lower[key] = node  # lookups of its other names find it meanwhile
         try:
             self._link_alias_names(node, key, hit.dir.layer)
+            self._hold_unlinked(node, lower_nlink)
         finally:
             self._table.unbind_backing(node)
             self._table.by_lower.pop(key, None)

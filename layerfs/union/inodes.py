@@ -5,7 +5,9 @@ knows it. Directories and lower files are identified by their place in the tree,
 lower hardlinks: every visible name of one lower inode with several links is one node
 (``InodeTable.by_lower``, as kernel overlayfs with ``index=on``), and copy-up keeps them one
 file (``UnionCore._link_aliases`` links the copy at every visible name of that lower inode,
-so the upper itself holds the hardlink: it survives a remount without an index). Upper
+so the upper itself holds the hardlink: it survives a remount without an index; a name it
+cannot reach, below a directory renamed before the copy-up, is linked from the index when
+next looked up, and until then holds a link in the index so every name counts it). Upper
 files are identified by the real file that backs them (``(st_dev, st_ino)``), so upper
 hardlinks looked up under several names are one node. Every node
 keeps parent pointers instead of paths: a rename moves one pointer, and the real

@@ -292,6 +292,10 @@ class NamespaceOps(UnionCore):
         if lower layers merge into it, else opaque if it lands in a merged directory.
         True when the caller must start over (see ``_materialize``)."""
         upper = self._writable()
+        if node.chain and not self.fmt.redirects:
+            # a userxattr store has no redirects (the kernel follows none there): copy it up
+            self._materialize(node)
+            return True
         if node.chain:
             value = self._redirect_for(node, samedir)
             if value is not None:

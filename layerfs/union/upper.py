@@ -6,10 +6,12 @@ the conventions named by ``layerfs.union.whiteout``:
 - ``WORK/work/``: the kernel's own scratch directory (mode 000). Entries are prepared there
   under ``#<hex>`` names and renamed into place; at start it is emptied, as the kernel does
   at mount (anything in it is the garbage of an interrupted change).
-- ``WORK/layerfs-index/<dev>-<ino>`` (ours; the kernel's index=on keeps ``WORK/index``): a
-  hardlink of every copied-up lower hardlink, by the lower file's st_dev/st_ino, so a name
-  of it met later (below a directory renamed before the copy-up, after a remount) is linked
-  to the copy instead of showing the lower file;
+- ``WORK/layerfs-index/<n>`` (ours; the kernel's index=on keeps ``WORK/index``): a
+  hardlink of every copied-up lower hardlink, named by the copy's inode number (from the
+  lower file's st_dev/st_ino), so a name of it met later (below a directory renamed before
+  the copy-up, after a remount) is linked to the copy instead of showing the lower file;
+  ``<n>.<k>`` hold one more link per name not linked yet, so every name reports the lower
+  file's link count, as kernel overlayfs with index=on does;
 - deleting a name that a lower layer provides leaves a whiteout in its place, made
   atomically with ``renameat2(RENAME_WHITEOUT)`` when an upper entry is replaced (device
   whiteouts), a 0/0 ``mknod`` otherwise; with ``LayerFormat.device_whiteouts`` False a
@@ -69,6 +71,10 @@ class Upper:
                 os.mkdir(WORK_SUBDIR, 0o000, dir_fd=base)
             except FileExistsError:
                 pass
+            if os.geteuid() != 0:
+                # mode 000 (the kernel's and ours) is for root; its owner without
+                # CAP_DAC_OVERRIDE (an unprivileged daemon) needs to list and change it
+                os.chmod(WORK_SUBDIR, 0o700, dir_fd=base, follow_symlinks=False)
             self.work_fd = os.open(WORK_SUBDIR, DIR_FLAGS, dir_fd=base)
             try:
                 os.mkdir(INDEX_SUBDIR, 0o700, dir_fd=base)

@@ -36,11 +36,27 @@ and never leave it in an export (``is_overlay_private_xattr``).
 
 Layer roots are never opaque, whatever they carry: the kernel never looks them up.
 
-What a store writes (``LayerFormat``): as root, device whiteouts and ``trusted.overlay.``
-xattrs (``PRIVILEGED``); ``user.overlay.`` xattrs for a ``userxattr`` mount (``USERXATTR``);
-without device nodes, ``.wh.NAME`` files, ``user.overlay.`` xattrs and an ``.wh..wh..opq`` file
-in every opaque directory as well (``UNPRIVILEGED_FILES``). Which whiteout an upper directory
-holds for a name: ``NO_WHITEOUT``, ``DEVICE_WHITEOUT``, ``FILE_WHITEOUT``.
+What a store writes (``LayerFormat``, one per store, recorded in it and named by
+``LayerFormat.name``):
+
+- ``trusted`` (``PRIVILEGED``): device whiteouts and ``trusted.overlay.`` xattrs, what kernel
+  overlayfs mounted by root in the initial user namespace reads; needs CAP_SYS_ADMIN there
+  (trusted.* xattrs) to write and to read;
+- ``userxattr`` (``USERXATTR``): device whiteouts and ``user.overlay.`` xattrs, what kernel
+  overlayfs reads with its ``userxattr`` option (an overlay mounted in a user namespace, or
+  by root with that option) and what an unprivileged user can write: a 0/0 character device
+  needs no CAP_MKNOD (Linux >= 5.8), ``user.*`` xattrs on one's own directories none at all.
+  No redirects (``LayerFormat.redirects``): overlayfs follows none with ``userxattr``, so a
+  renamed lower directory is copied up whole, in both backends;
+- ``files`` (``UNPRIVILEGED_FILES``, the unprivileged format of older layerfs, read for
+  compatibility): ``.wh.NAME`` files, ``user.overlay.`` xattrs and an ``.wh..wh..opq`` file in
+  every opaque directory as well; kernel overlayfs shows such markers as plain files, so only
+  the FUSE backend mounts it.
+
+``default_format(directory)`` picks a new store's format by acting in its directory: trusted
+where trusted.* xattrs can be set, userxattr where 0/0 whiteouts and user.* xattrs can be
+made, files otherwise. Which whiteout an upper directory holds for a name:
+``NO_WHITEOUT``, ``DEVICE_WHITEOUT``, ``FILE_WHITEOUT``.
 
 Names of an OCI layer tar (``classify_tar_name``):
 
@@ -54,10 +70,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from dataclasses import dataclass
 
 from layerfs.errors import UnsafeArchive
 from layerfs.linux.files import rmtree_at
+from layerfs.linux.proc import in_initial_userns
 
 # --- entries of a layer directory (str for paths, bytes for the fd-based readers) --------
 
@@ -103,15 +121,79 @@ class LayerFormat:
     def userxattr(self) -> bool:
         return self.opaque_xattr.startswith(USER_PREFIX)
 
+    @property
+    def prefix(self) -> str:
+        """``trusted.overlay.`` or ``user.overlay.``: where this format keeps overlay xattrs."""
+        return USER_PREFIX if self.userxattr else TRUSTED_PREFIX
+
+    @property
+    def redirect_xattr(self) -> str:
+        return self.prefix + "redirect"
+
+    @property
+    def redirects(self) -> bool:
+        """Whether a renamed lower directory is recorded as a redirect. Not in a userxattr
+        store: kernel overlayfs with ``userxattr`` runs with ``redirect_dir=nofollow`` and
+        refuses any other (fs/overlayfs/params.c: a redirect could name any lower path), so
+        it says EXDEV and ``mv`` copies; the FUSE model copies the directory up instead. The
+        files format, which only FUSE mounts, keeps them."""
+        return not (self.userxattr and self.device_whiteouts)
+
+    @property
+    def name(self) -> str:
+        """``trusted``, ``userxattr`` or ``files`` (see the module's docstring)."""
+        if not self.device_whiteouts:
+            return "files"
+        return "userxattr" if self.userxattr else "trusted"
+
+    def describe(self) -> str:
+        """One phrase: what this format's layers hold."""
+        whiteouts = "0/0 character-device whiteouts" if self.device_whiteouts else ".wh.NAME whiteout files"
+        return f"{whiteouts}, {self.prefix}* xattrs (opaque, redirect)"
+
 
 PRIVILEGED = LayerFormat()
 USERXATTR = LayerFormat(opaque_xattr=OPAQUE_NAMES[1])
 UNPRIVILEGED_FILES = LayerFormat(opaque_xattr=OPAQUE_NAMES[1], device_whiteouts=False)
+FORMATS = {f.name: f for f in (PRIVILEGED, USERXATTR, UNPRIVILEGED_FILES)}
 
 
-def default_format() -> LayerFormat:
-    """The format a new store uses: device whiteouts and trusted xattrs as root."""
-    return PRIVILEGED if os.geteuid() == 0 else UNPRIVILEGED_FILES
+def default_format(directory: str | None = None) -> LayerFormat:
+    """The format a new store (or a union given none) uses.
+
+    With ``directory`` (an existing directory of the store), by acting there: ``PRIVILEGED``
+    where a ``trusted.overlay.opaque`` xattr can be set (CAP_SYS_ADMIN in the initial user
+    namespace), ``USERXATTR`` where a 0/0 whiteout and a ``user.overlay.opaque`` xattr can be
+    made, ``UNPRIVILEGED_FILES`` otherwise. Without one: ``PRIVILEGED`` for root in the
+    initial user namespace, ``USERXATTR`` for everyone else.
+    """
+    if directory is None:
+        return PRIVILEGED if os.geteuid() == 0 and in_initial_userns() else USERXATTR
+    probe = tempfile.mkdtemp(prefix=".layerfs-format-", dir=directory)
+    try:
+        if _can_set(probe, PRIVILEGED.opaque_xattr):
+            return PRIVILEGED
+        try:
+            os.mknod(os.path.join(probe, "w"), stat.S_IFCHR | 0o000, os.makedev(0, 0))
+        except OSError:
+            return UNPRIVILEGED_FILES
+        return USERXATTR if _can_set(probe, USERXATTR.opaque_xattr) else UNPRIVILEGED_FILES
+    finally:
+        _remove_probe(probe)
+
+
+def _remove_probe(probe: str) -> None:
+    for name in os.listdir(probe):
+        os.unlink(os.path.join(probe, name))
+    os.rmdir(probe)
+
+
+def _can_set(path: str, name: str) -> bool:
+    try:
+        os.setxattr(path, name, b"y")
+        return os.getxattr(path, name) == b"y"
+    except OSError:
+        return False
 
 
 def is_overlay_private_xattr(name: str) -> bool:

@@ -396,6 +396,28 @@ def lower_hardlinks_partly_visible(s: Session) -> None:
     s.note("hl1 and dir/moved share st_ino after the remount", s.quiet.ino("hl1") == s.quiet.ino("dir/moved"))
 
 
+@case(index=True)
+def lower_hardlinks_below_dir_moved_unseen(s: Session) -> None:
+    """A name of a lower hardlink below a directory moved into another one (an absolute
+    redirect) and not looked up since: copying up another name keeps every name's link
+    count (kernel: index=on), before and after a remount, and the moved name reads the copy."""
+    s.rename("dir", "merged/dir2")
+    s.write_file("hl1", b"changed\n", APPEND)
+    s.lstat("hl1")
+    s.lstat("hl2")
+    s.remount()
+    s.lstat("hl2")
+    s.read_file("merged/dir2/hl3")
+    s.lstat("merged/dir2/hl3")
+    s.write_file("merged/dir2/hl3", b"again\n", APPEND)  # the kernel links this name up now
+    for p in ("hl1", "hl2", "merged/dir2/hl3"):
+        s.read_file(p)
+        s.lstat(p)
+    s.note("hl1 and merged/dir2/hl3 share st_ino", s.quiet.ino("hl1") == s.quiet.ino("merged/dir2/hl3"))
+    s.unlink("hl2")
+    s.lstat("hl1")
+
+
 @case()
 def link_errors(s: Session) -> None:
     """link(): EPERM on directories, EEXIST, ENOENT; a symlink is linked, not followed."""

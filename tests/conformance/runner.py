@@ -257,13 +257,6 @@ __all__ = ["CASES", "Case", "Log", "Session", "case", "diff_logs", "diff_trees",
 # A case listed here is a strict xfail for that backend: it must keep failing (if it starts
 # passing, the entry is stale and the test fails), and the reason shows in every run.
 KNOWN_DIVERGENCES: dict[tuple[str, str], str] = {
-    **{("lower_hardlinks_below_renamed_dir", backend): (
-        "copy-up links the copy at the other names of a lower hardlink found by their lower "
-        "paths or still looked up (FUSE: the kernel holds the lookup); a name below a directory "
-        "renamed before the copy-up that was forgotten (the model facade forgets every lookup) "
-        "is linked from the index (work/layerfs-index) only when it is next looked up, so until "
-        "then the other names' link count leaves it out (contents and st_ino agree)"
-    ) for backend in ("model",)},
     **{("fallocate_collapse_insert", backend): (
         "the kernel's FUSE module refuses COLLAPSE_RANGE and INSERT_RANGE with EOPNOTSUPP itself "
         "(fuse_file_fallocate passes only KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE to the daemon)"

@@ -92,7 +92,7 @@ def _check(problems: list[str], what: str) -> None:
         pytest.fail(what + ":\n" + "\n".join(problems), pytrace=False)
 
 
-@pytest.mark.parametrize("writer", ["kernel", "fuse", "model"])
+@pytest.mark.parametrize("writer", ["kernel", "fuse", "fuse_kernel", "model"])
 @pytest.mark.parametrize("case", SELECTED, ids=[c.name for c in SELECTED])
 def test_upper_read_by_kernel(case: Case, writer: str, request: pytest.FixtureRequest, workspace: Path) -> None:
     backend: Backend = request.getfixturevalue(writer)
@@ -103,7 +103,7 @@ def test_upper_read_by_kernel(case: Case, writer: str, request: pytest.FixtureRe
            f"kernel reads {writer}'s upper differently")
 
 
-@pytest.mark.parametrize("reader", ["kernel", "fuse", "model"])
+@pytest.mark.parametrize("reader", ["kernel", "fuse", "fuse_kernel", "model"])
 @pytest.mark.parametrize("case", SELECTED, ids=[c.name for c in SELECTED])
 def test_kernel_upper_read_by(case: Case, reader: str, request: pytest.FixtureRequest, workspace: Path) -> None:
     if reader == "model" and case.os_only:
@@ -116,7 +116,7 @@ def test_kernel_upper_read_by(case: Case, reader: str, request: pytest.FixtureRe
            f"{reader} reads the kernel's upper differently")
 
 
-@pytest.mark.parametrize("backend_name", ["kernel", "fuse", "model"])
+@pytest.mark.parametrize("backend_name", ["kernel", "fuse", "fuse_kernel", "model"])
 @pytest.mark.parametrize("case", SELECTED, ids=[c.name for c in SELECTED])
 def test_upper_as_lower_layer(case: Case, backend_name: str, request: pytest.FixtureRequest,
                               workspace: Path) -> None:

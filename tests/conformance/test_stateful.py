@@ -96,6 +96,8 @@ class UnionComparison(RuleBasedStateMachine):
         self.k: Mounted = self.kernel.mount(self.k_params)
         self.o: Mounted = self.other.mount(self.o_params)
         self.steps = 0
+        # the lower hardlink's st_ino (index=on keeps it): its names are found by it at the end
+        self.hl_ino = call_logged(self.k.facade.ino, "hl")
 
     # -- running one operation on both --
 
@@ -195,13 +197,17 @@ class UnionComparison(RuleBasedStateMachine):
     def _compare_at_end(self) -> None:
         k_tree, o_tree = self.k.facade.tree(), self.o.facade.tree()
         problems = diff_trees(k_tree, o_tree, self.other_name)
+        # the lower hardlink's names wherever they are now (below a renamed directory too)
+        aliases = set(LOWER_HARDLINK_ALIASES) | {
+            p for p in k_tree if p and call_logged(self.k.facade.ino, p) == self.hl_ino}
         self.kernel.unmount(self.k)
         self.other.unmount(self.o)
         assert self.k_params.upper and self.o_params.upper
         # The kernel keeps a copied-up lower hardlink's other names in work/index (and counts
         # those links), the model links them in the upper: see _comparable.
         k_upper, o_upper = dump_upper(str(self.k_params.upper)), dump_upper(str(self.o_params.upper))
-        problems += diff_trees(_comparable(k_upper), _comparable(_without_alias_parents(o_upper, k_upper)),
+        problems += diff_trees(_comparable(k_upper, aliases),
+                               _comparable(_without_alias_parents(o_upper, k_upper, aliases), aliases),
                                self.other_name, "upper")
         # cross-mount: each upper read by the other backend, fresh workdirs
         k_reads = self.kernel.mount(params_for(self.base / "other", self.o_params.lowers,
@@ -209,14 +215,14 @@ class UnionComparison(RuleBasedStateMachine):
         try:
             # (an index=on kernel upper keeps the hardlinks it copied up in its old work/index,
             # which a mount with a fresh workdir cannot see: see _cross)
-            problems += diff_trees(_comparable(o_tree), _comparable(k_reads.facade.tree()),
+            problems += diff_trees(_comparable(o_tree, aliases), _comparable(k_reads.facade.tree(), aliases),
                                    f"kernel reading {self.other_name}'s upper", "cross", left=self.other_name)
         finally:
             self.kernel.unmount(k_reads)
         o_reads = self.other.mount(params_for(self.base / "kernel", self.k_params.lowers,
                                               upper=self.k_params.upper, tag="-x", index=True))
         try:
-            problems += diff_trees(_comparable(k_tree), _comparable(o_reads.facade.tree()),
+            problems += diff_trees(_comparable(k_tree, aliases), _comparable(o_reads.facade.tree(), aliases),
                                    f"{self.other_name} reading kernel's upper", "cross")
         finally:
             self.other.unmount(o_reads)
@@ -224,25 +230,25 @@ class UnionComparison(RuleBasedStateMachine):
             raise AssertionError(f"after {self.steps} steps:\n" + "\n".join(problems))
 
 
-def _without_aliases(tree: dict[str, Any]) -> dict[str, Any]:
-    return {p: n for p, n in tree.items() if p not in LOWER_HARDLINK_ALIASES}
+def _without_aliases(tree: dict[str, Any], aliases: set[str]) -> dict[str, Any]:
+    return {p: n for p, n in tree.items() if p not in aliases}
 
 
-def _without_alias_parents(upper: dict[str, Any], kernel_upper: dict[str, Any]) -> dict[str, Any]:
+def _without_alias_parents(upper: dict[str, Any], kernel_upper: dict[str, Any], aliases: set[str]) -> dict[str, Any]:
     """``upper`` without the directories that only the copies of lower-hardlink names made
     (the model links them in the upper, copying their directories up; the kernel does not)."""
     extra = {p for p, n in upper.items() if p not in kernel_upper and isinstance(n, Node) and n.type == "dir"}
     drop = {d for d in extra
-            if all(q in LOWER_HARDLINK_ALIASES or q in extra for q in upper if q.startswith(d + "/"))}
+            if all(q in aliases or q in extra for q in upper if q.startswith(d + "/"))}
     return {p: n for p, n in upper.items() if p not in drop}
 
 
-def _comparable(tree: dict[str, Any]) -> dict[str, Any]:
+def _comparable(tree: dict[str, Any], aliases: set[str]) -> dict[str, Any]:
     """An upper, or a tree seen through a mount with a fresh workdir, as compared: without the
     lower-hardlink names and without link counts of non-directories (an index=on kernel keeps
     and counts links in its work/index; the merged trees compare both in full)."""
     return {p: dataclasses.replace(n, nlink=None) if isinstance(n, Node) else n
-            for p, n in _without_aliases(tree).items()}
+            for p, n in _without_aliases(tree, aliases).items()}
 
 
 def _machine(other: str, root: Path) -> type[UnionComparison]:

@@ -17,7 +17,7 @@ import pytest
 
 from bench.measure import Meter, Metric
 from bench.runner import WorkloadResult
-from bench.targets import MET, NOT_MET, SKIPPED, evaluate
+from bench.targets import FUSE, MET, NOT_MET, SKIPPED, evaluate
 from tests.support.markers import needs_root
 from tests.support.paths import REPO
 
@@ -75,7 +75,8 @@ def test_quick_run_measures_everything_and_cleans_up(tmp_path: Path) -> None:
     assert "fuse-overlayfs" in machine["debian_packages"] and "pyfuse3" in machine["python_packages"]
 
     backends = doc["backends"]
-    assert set(backends) == {"native", "kernel", "kernel-plain", "layerfs-fuse", "fuse-overlayfs", "unionfs-fuse"}
+    assert set(backends) == {"native", "kernel", "kernel-plain", "layerfs-fuse", "layerfs-kernel", "fuse-overlayfs",
+                             "unionfs-fuse"}  # --quick leaves the lever variants out
     for name, info in backends.items():
         assert info["available"] or info["reason"], name  # a skipped backend says why
     available = [b for b, info in backends.items() if info["available"]]
@@ -99,10 +100,10 @@ def test_quick_run_measures_everything_and_cleans_up(tmp_path: Path) -> None:
             assert (row["vs_reference"] is not None) == reference_measured, row
             if row["subject"] == "kernel" and "kernel-plain" in available:
                 assert row["vs_pair"] is not None and row["pair"] == "kernel-plain"
-            if row["subject"] == "layerfs-fuse" and "fuse-overlayfs" in available:
+            if row["subject"] in ("layerfs-fuse", "layerfs-kernel") and "fuse-overlayfs" in available:
                 assert row["vs_pair"] is not None and row["pair"] == "fuse-overlayfs"
 
-    fuse_daemons = [b for b in ("fuse-overlayfs", "unionfs-fuse", "layerfs-fuse") if b in available]
+    fuse_daemons = [b for b in ("fuse-overlayfs", "unionfs-fuse", "layerfs-fuse", "layerfs-kernel") if b in available]
     for backend in fuse_daemons:  # the daemon's CPU seconds are recorded per sample
         assert any(s["cpu"] for s in doc["workloads"]["metadata"]["samples"] if s["subject"] == backend)
 
@@ -110,7 +111,7 @@ def test_quick_run_measures_everything_and_cleans_up(tmp_path: Path) -> None:
     assert len(targets) >= 12
     assert {t["status"] for t in targets} <= {MET, NOT_MET, SKIPPED}
     assert all(t["detail"] for t in targets)
-    if "layerfs-fuse" not in available:
+    if FUSE not in available:  # the default transport's backend: the targets are its
         assert all(t["status"] == SKIPPED for t in targets if "fuse-overlayfs" in t["name"])
     if any(p.endswith(".png") for p in doc["plots"]):
         assert (out / "copyup.png").exists() and (out / "depth.png").exists()
@@ -119,7 +120,7 @@ def test_quick_run_measures_everything_and_cleans_up(tmp_path: Path) -> None:
 def _result(values: dict[str, dict[str, list[float]]], kind: str = "mount") -> WorkloadResult:
     subjects = sorted({s for by in values.values() for s in by})
     w = WorkloadResult("x", "x", kind, subjects, "native",
-                       {"layerfs-fuse": "fuse-overlayfs", "kernel": "kernel-plain"})
+                       {FUSE: "fuse-overlayfs", "kernel": "kernel-plain"})
     for metric, by in values.items():
         for subject, samples in by.items():
             for r, v in enumerate(samples):
@@ -131,13 +132,13 @@ def _result(values: dict[str, dict[str, list[float]]], kind: str = "mount") -> W
 
 def test_targets_from_medians() -> None:
     metadata = _result({
-        "find cold": {"layerfs-fuse": [1.0, 2.0, 9.0], "fuse-overlayfs": [2.0, 2.1, 2.2]},  # median 2.0 <= 2.1
-        "find warm": {"layerfs-fuse": [3.0], "fuse-overlayfs": [1.0]},
-        "ls -lR cold": {"layerfs-fuse": [1.0], "fuse-overlayfs": [2.0]},  # 0.5x: met, exactly
+        "find cold": {FUSE: [1.0, 2.0, 9.0], "fuse-overlayfs": [2.0, 2.1, 2.2]},  # median 2.0 <= 2.1
+        "find warm": {FUSE: [3.0], "fuse-overlayfs": [1.0]},
+        "ls -lR cold": {FUSE: [1.0], "fuse-overlayfs": [2.0]},  # 0.5x: met, exactly
         "ls -lR warm": {"fuse-overlayfs": [1.0]},
     })
     metadata.name = "metadata"
-    metadata.set_status("case", "layerfs-fuse", "failed", "the daemon crashed")
+    metadata.set_status("case", FUSE, "failed", "the daemon crashed")
     kernel = _result({"seq read warm": {"kernel": [1.04], "kernel-plain": [1.0], "native": [0.9]}})
     kernel.name = "read"
     by_name = {t.name: t for t in evaluate({"metadata": metadata, "read": kernel})}
@@ -150,3 +151,27 @@ def test_targets_from_medians() -> None:
     assert by_name["kernel within 5% of kernel-plain (every metric)"].status == MET
     assert by_name["import <= 1.0x ctr images import"].status == SKIPPED
     assert by_name["create files + sync <= 1.0x fuse-overlayfs"].detail == "workload writes not run"
+    # issue 11: over every metric both have (find cold 2.0/2.1, find warm 3.0, ls -lR cold 0.5)
+    geo = by_name["every workload: geomean <= 1.0x fuse-overlayfs"]
+    assert geo.status == NOT_MET and geo.value == pytest.approx((2.0 / 2.1 * 3.0 * 0.5) ** (1 / 3))
+    each = by_name["every workload: each metric <= 1.0x fuse-overlayfs"]
+    assert each.status == NOT_MET and "2/3 metrics" in each.detail and "metadata/find warm 3.00×" in each.detail
+    assert by_name["mount of 500 layers <= 1.0x fuse-overlayfs"].status == SKIPPED
+
+
+def test_depth_targets() -> None:
+    depth = WorkloadResult("depth", "depth", "mount", [FUSE, "fuse-overlayfs", "native"], "native",
+                           {FUSE: "fuse-overlayfs"})
+    samples = {("first stat, 1 layer", "first stat", 1): {FUSE: 1.0, "fuse-overlayfs": 1.0},
+               ("first stat, 500 layers", "first stat", 500): {FUSE: 2.5, "fuse-overlayfs": 9.0},
+               ("mount, 500 layers", "mount", 500): {FUSE: 0.2, "fuse-overlayfs": 0.4}}
+    for (name, group, x), by in samples.items():
+        for subject, v in by.items():
+            meter = Meter()
+            meter.record(Metric(name, group, x, True), v)
+            depth.add("case", subject, 0, meter)
+    by_name = {t.name: t for t in evaluate({"depth": depth})}
+    flat = by_name["first stat at the deepest stack <= 2x the 1-layer figure (flat)"]
+    assert flat.status == NOT_MET and flat.value == pytest.approx(2.5)
+    mount = by_name["mount of 500 layers <= 1.0x fuse-overlayfs"]
+    assert mount.status == MET and mount.value == pytest.approx(0.5)

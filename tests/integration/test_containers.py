@@ -23,6 +23,7 @@ import pytest
 from layerfs.store import Store
 from layerfs.store.fsck import fsck
 from tests.support import imagebuild as ib
+from tests.support.cliresult import mounted_under
 from tests.support.markers import needs_root, needs_umoci
 from tests.support.tarbuild import tree_fingerprint, write_layer
 
@@ -33,21 +34,11 @@ MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _mounted_under(path: Path) -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
-            if mp == str(path) or mp.startswith(str(path) + "/"):
-                out.append(mp)
-    return out
-
-
 @pytest.fixture
 def mounts(tmp_path: Path) -> Iterator[Path]:
     """tmp_path; on teardown every mount below it is detached (deepest first)."""
     yield tmp_path
-    left = _mounted_under(tmp_path)
+    left = mounted_under(tmp_path)
     for mp in sorted(left, key=len, reverse=True):
         _libc.umount2(mp.encode(), MNT_DETACH)
     assert not left, f"test left mounts behind: {left}"
@@ -99,13 +90,13 @@ def test_image_view_is_read_only_nodev_nosuid(store: Path) -> None:
         (mp / "new").write_text("x")
     assert e.value.errno == errno.EROFS
     recs = json.loads(lf(store, "mounts", "--format", "json").stdout)
-    assert recs == [{"target": str(mp), "snapshot": recs[0]["snapshot"], "backend": "kernel", "readonly": True,
-                     "pid": None}]
+    assert recs == [{"target": str(mp), "name": "base:1", "snapshot": recs[0]["snapshot"], "backend": "kernel",
+                     "readonly": True, "pid": None}]
     # in use: rmi and gc refuse to remove its layers
     r = lf(store, "rmi", "base:1", check=False)
     assert r.returncode == 1 and "mounted" in r.stderr
     lf(store, "umount", str(mp))
-    assert _mounted_under(mp) == []
+    assert mounted_under(mp) == []
     assert json.loads(lf(store, "mounts", "--format", "json").stdout) == []
     r = lf(store, "umount", str(mp), check=False)
     assert r.returncode == 1 and "not mounted by layerfs" in r.stderr
@@ -230,7 +221,7 @@ def test_container_lifecycle_and_refusals(store: Path) -> None:
     lf(store, "commit", "web", "web:1")
     lf(store, "mount", "web", str(mp))
     lf(store, "rm", "-f", "web")
-    assert _mounted_under(mp) == []
+    assert mounted_under(mp) == []
     assert json.loads(lf(store, "ps", "--format", "json").stdout) == []
     lf(store, "rmi", "web:1")
     with Store(str(store)) as s:
@@ -269,7 +260,7 @@ def test_bundle_refuses_symlinked_proc_dev_sys(mounts: Path, guarded: str) -> No
     lf(root, "import-layer", layer, "--name", "evil:1")
     r = lf(root, "bundle", "evil:1", str(mounts / "b"), "--", "/bin/true", check=False)
     assert r.returncode == 1 and f"/{guarded} is a symlink" in r.stderr, r.stderr
-    assert _mounted_under(mounts) == []
+    assert mounted_under(mounts) == []
     assert json.loads(lf(root, "ps", "--format", "json").stdout) == []  # the container was not kept
 
 
@@ -291,7 +282,7 @@ def test_deep_images_mount_up_to_the_kernel_limit(mounts: Path) -> None:
     # the kernel refuses; --backend auto would serve it over FUSE instead
     r = lf(root, "mount", "--backend", "kernel", "deep:501", str(mp), check=False)
     assert r.returncode == 1 and "500" in r.stderr and "fuse" in r.stderr.lower(), r.stderr
-    assert _mounted_under(mp) == []
+    assert mounted_under(mp) == []
     assert json.loads(lf(root, "mounts", "--format", "json").stdout) == []
 
 

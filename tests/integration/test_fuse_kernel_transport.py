@@ -18,10 +18,13 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,16 +106,17 @@ def test_transport_options(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(fuse_main.TRANSPORT_ENV, raising=False)
     monkeypatch.delenv(fuse_main.STATS_ENV, raising=False)
     opts = fuse_main.parse_args(["-o", "lowerdir=/l", "/mp"])
-    assert not isinstance(opts, str) and (opts.transport, opts.passthrough, opts.stats) == ("pyfuse3", "auto", None)
-    opts = fuse_main.parse_args(["--transport", "kernel", "--passthrough", "off", "--stats", "s.json",
-                                 "-o", "lowerdir=/l", "/mp"])
-    assert not isinstance(opts, str) and (opts.transport, opts.passthrough) == ("kernel", "off")
+    assert not isinstance(opts, str) and (opts.transport, opts.passthrough, opts.stats) == ("kernel", "auto", None)
+    assert opts.dir_cache == "on"
+    opts = fuse_main.parse_args(["--transport", "pyfuse3", "--passthrough", "off", "--dir-cache", "off",
+                                 "--stats", "s.json", "-o", "lowerdir=/l", "/mp"])
+    assert not isinstance(opts, str) and (opts.transport, opts.passthrough, opts.dir_cache) == ("pyfuse3", "off", "off")
     assert opts.stats == os.path.abspath("s.json")
-    monkeypatch.setenv(fuse_main.TRANSPORT_ENV, "kernel")
+    monkeypatch.setenv(fuse_main.TRANSPORT_ENV, "pyfuse3")
     monkeypatch.setenv(fuse_main.STATS_ENV, "/tmp/x.json")
     opts = fuse_main.parse_args(["-o", "lowerdir=/l", "/mp"])
-    assert not isinstance(opts, str) and (opts.transport, opts.stats) == ("kernel", "/tmp/x.json")
-    for bad in (["--transport", "libfuse"], ["--passthrough", "on"]):
+    assert not isinstance(opts, str) and (opts.transport, opts.stats) == ("pyfuse3", "/tmp/x.json")
+    for bad in (["--transport", "libfuse"], ["--passthrough", "on"], ["--dir-cache", "auto"]):
         with pytest.raises(UsageError):
             fuse_main.parse_args([*bad, "-o", "lowerdir=/l", "/mp"])
 
@@ -400,6 +404,101 @@ def test_a_warm_find_sends_no_readdir_and_no_lookup(tmp_path: Path, daemons: Dae
         after = d.requests()
         # relisted: d03/sub, and of root and d03 what the copy-up gave a new mtime
         assert 1 <= delta(after, before, "READDIRPLUS")["READDIRPLUS"] <= 3
+
+
+@needs_fuse
+def test_sequential_reads_arrive_in_large_requests(tmp_path: Path, daemons: Daemons) -> None:
+    """As root the daemon raises its mount's readahead window from the kernel's 128 KiB to
+    one max_write (1 MiB): a sequential read of a lower file of a writable union (served by
+    the daemon, not passthrough) takes a few large READs, not one per 128 KiB."""
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    data = os.urandom(8 << 20)
+    (lower / "big").write_bytes(data)
+    d = daemons.mount([lower], upper=True)
+    dev = os.stat(d.mountpoint).st_dev
+    assert Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text().strip() == "1024"
+    before = d.requests()
+    assert (d.mountpoint / "big").read_bytes() == data
+    reads = delta(d.requests(), before, "READ")["READ"]
+    assert 1 <= reads <= 24, reads  # 64 with the kernel's default window
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A ``system.posix_acl_access`` value (version 2; entries: tag, perm, id)."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+NOBODY = 65534
+
+
+def _cat_as_nobody(path: Path) -> int:
+    r = subprocess.run(["/usr/bin/setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                        "/bin/cat", str(path)], capture_output=True, text=True, timeout=30)
+    return r.returncode
+
+
+@needs_fuse
+def test_posix_acls_are_enforced_as_on_kernel_overlayfs(daemons: Daemons) -> None:
+    """Lower-layer ACLs decide access on the FUSE mount as on kernel overlayfs (FUSE_POSIX_ACL:
+    the kernel checks them and caches them, so ``ls -l`` does not ask the daemon again)."""
+    base = Path(tempfile.mkdtemp(prefix="layerfs-acl-"))
+    try:
+        base.chmod(0o755)
+        lower = base / "lower"
+        lower.mkdir()
+        lower.chmod(0o755)
+        granted, denied = lower / "granted", lower / "denied"
+        granted.write_text("secret\n")
+        granted.chmod(0o600)  # nobody may read it by mode alone; a named-user entry lets it
+        os.setxattr(granted, "system.posix_acl_access",
+                    _acl((ACL_USER_OBJ, 6, 0xFFFFFFFF), (ACL_USER, 4, NOBODY), (ACL_GROUP_OBJ, 0, 0xFFFFFFFF),
+                         (ACL_MASK, 4, 0xFFFFFFFF), (ACL_OTHER, 0, 0xFFFFFFFF)))
+        denied.write_text("public\n")
+        denied.chmod(0o644)  # everyone may read it by mode; a named-user entry refuses nobody
+        os.setxattr(denied, "system.posix_acl_access",
+                    _acl((ACL_USER_OBJ, 6, 0xFFFFFFFF), (ACL_USER, 0, NOBODY), (ACL_GROUP_OBJ, 4, 0xFFFFFFFF),
+                         (ACL_MASK, 4, 0xFFFFFFFF), (ACL_OTHER, 4, 0xFFFFFFFF)))
+        oracle = base / "kernel"
+        oracle.mkdir()
+        for d in ("ku", "kw"):
+            (base / d).mkdir()
+        subprocess.run(["/usr/bin/mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={lower},upperdir={base / 'ku'},workdir={base / 'kw'}", str(oracle)], check=True)
+        try:
+            expected = (_cat_as_nobody(oracle / "granted"), _cat_as_nobody(oracle / "denied"))
+        finally:
+            subprocess.run(["/usr/bin/umount", str(oracle)], check=True)
+        assert expected == (0, 1)  # the oracle: ACLs decide
+        daemons.base = base
+        d = daemons.mount([lower], upper=True)
+        assert (_cat_as_nobody(d.mountpoint / "granted"), _cat_as_nobody(d.mountpoint / "denied")) == expected
+        assert os.getxattr(d.mountpoint / "granted", "system.posix_acl_access") == \
+            os.getxattr(granted, "system.posix_acl_access")
+        before = d.requests()
+        for _ in range(3):
+            os.getxattr(d.mountpoint / "granted", "system.posix_acl_access")
+        assert delta(d.requests(), before, "GETXATTR")["GETXATTR"] == 0  # cached by the kernel
+    finally:
+        daemons.close()
+        daemons.started.clear()
+        subprocess.run(["/usr/bin/umount", "-l", str(base / "kernel")], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_fuse
+def test_dir_cache_off_relists_through_the_daemon(tmp_path: Path, daemons: Daemons) -> None:
+    """The lever the bench measures: ``--dir-cache off`` sends every warm listing to the daemon."""
+    lower = tmp_path / "lower"
+    make_tree(lower, dirs=4, files=5)
+    d = daemons.mount([lower], extra=("--dir-cache", "off"))
+    listed = sorted(os.listdir(d.mountpoint / "d01/sub"))
+    before = d.requests()
+    assert sorted(os.listdir(d.mountpoint / "d01/sub")) == listed == [f"f{j:02d}" for j in range(5)]
+    after = d.requests()
+    assert delta(after, before, "OPENDIR")["OPENDIR"] == 1
+    assert sum(delta(after, before, "READDIR", "READDIRPLUS").values()) >= 1
 
 
 @needs_fuse

@@ -23,15 +23,16 @@ LEVELS: list[set[str]] = [
     {"layerfs.store", "layerfs.mount"},
     {"layerfs.fuse"},
     {"layerfs.importer", "layerfs.exporter", "layerfs.containers", "layerfs.catalog", "layerfs.mounting",
-     "layerfs.bundle"},
+     "layerfs.bundle", "layerfs.analysis", "layerfs.registry"},
+    {"layerfs.tui"},
     {"layerfs.cli"},
     {"layerfs.__main__"},
     {"snapshotter"},
     {"bench"},
 ]
 # the operations may use each other (no cycles: checked below), in this order
-OPERATIONS = ["layerfs.importer", "layerfs.catalog", "layerfs.exporter", "layerfs.containers",
-              "layerfs.mounting", "layerfs.bundle"]
+OPERATIONS = ["layerfs.importer", "layerfs.catalog", "layerfs.analysis", "layerfs.exporter",
+              "layerfs.registry", "layerfs.containers", "layerfs.mounting", "layerfs.bundle"]
 
 
 def _modules() -> dict[str, Path]:
