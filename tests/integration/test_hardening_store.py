@@ -11,10 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from layerfs.store import Store
 from layerfs.store.fsck import fsck
@@ -29,16 +26,6 @@ def _cmd(root: Path, *args: str) -> list[str]:
 
 def lf(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(_cmd(root, *args), capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
 
 
 # One mutator: import images sharing a base, untag and collect them, again and again.

@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,16 +48,6 @@ _RUNNER = CliRunner()
 
 def lf_argv(root: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "layerfs", "--root", root, "-q", *args]
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
 
 
 @dataclass
@@ -285,6 +274,7 @@ with open(log, "w") as out:
             r = subprocess.run([sys.executable, "-m", "layerfs", "--root", root, "-q", *a],
                                capture_output=True, text=True)
             out.write(json.dumps({"args": a, "rc": r.returncode, "err": r.stderr[-400:],
+                                  "out": r.stdout[-400:] if r.returncode else "",
                                   "s": round(time.time() - t0, 2)}) + "\n")
             out.flush()
             n += 1

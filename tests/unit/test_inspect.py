@@ -7,7 +7,6 @@ them with ``LAYERFS_UPDATE_GOLDEN=1 pytest tests/unit/test_inspect.py`` and revi
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from layerfs.cli.render import (
 )
 from layerfs.digest import Digest, chain_ids
 from layerfs.errors import InvalidArgument
+from tests.support import goldens
 from tests.support.paths import GOLDEN as GOLDEN_ROOT
 
 GOLDEN = GOLDEN_ROOT / "inspect"
@@ -39,13 +39,7 @@ NOW = datetime(2024, 6, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def check_golden(name: str, actual: str) -> None:
-    path = GOLDEN / name
-    if os.environ.get("LAYERFS_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(actual, encoding="utf-8", newline="")
-        return
-    assert path.exists(), f"{path} missing: run with LAYERFS_UPDATE_GOLDEN=1 to create it"
-    assert actual == path.read_text(encoding="utf-8"), f"output differs from {path}"
+    goldens.check(GOLDEN, name, actual)
 
 
 # --- fixture: base B; app:1.0 = B+L1; app:latest and mirror/app:2.0 = B+L1+L2; tool = B+L3
