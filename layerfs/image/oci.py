@@ -123,6 +123,25 @@ class NotAnImage(InvalidImage):
     images, an error when a source holds nothing else."""
 
 
+def parse_manifest(data: bytes, media_type: str, what: str) -> tuple[Descriptor, list[Descriptor]]:
+    """An image manifest's config and layer descriptors, checked: schemaVersion 2, its own
+    mediaType (when it says one) equal to ``media_type`` (the descriptor's or the registry's),
+    a container image config. Raises ``NotAnImage`` for another kind of artifact."""
+    manifest = parse_json(data, what)
+    if manifest.get("schemaVersion") != 2:
+        raise InvalidImage(f"{what}: schemaVersion must be 2")
+    own = manifest.get("mediaType")
+    if own is not None and own != media_type:
+        raise InvalidImage(f"{what}: mediaType {own!r} differs from its descriptor's {media_type!r}")
+    config_desc = parse_descriptor(manifest.get("config"), f"{what} config")
+    if config_desc.media_type not in CONFIG_TYPES:
+        raise NotAnImage(f"{what}: config media type {config_desc.media_type!r} is not a container image")
+    raw_layers = manifest.get("layers")
+    if not isinstance(raw_layers, list):
+        raise InvalidImage(f"{what}: layers is not a list")
+    return config_desc, [parse_descriptor(raw, f"{what} layers[{i}]") for i, raw in enumerate(raw_layers)]
+
+
 @dataclass(frozen=True)
 class Descriptor:
     media_type: str
@@ -424,22 +443,8 @@ class OciLayout:
             return cached
         what = f"manifest {desc.digest}"
         data = read_blob(self.files, desc, "manifest")
-        manifest = parse_json(data, what)
-        if manifest.get("schemaVersion") != 2:
-            raise InvalidImage(f"{what}: schemaVersion must be 2")
-        own = manifest.get("mediaType")
-        if own is not None and own != desc.media_type:
-            raise InvalidImage(f"{what}: mediaType {own!r} differs from its descriptor's {desc.media_type!r}")
-        config_desc = parse_descriptor(manifest.get("config"), f"{what} config")
-        if config_desc.media_type not in CONFIG_TYPES:
-            raise NotAnImage(f"{what}: config media type {config_desc.media_type!r} is not a container image")
-        raw_layers = manifest.get("layers")
-        if not isinstance(raw_layers, list):
-            raise InvalidImage(f"{what}: layers is not a list")
-        layers = [
-            self._layer(parse_descriptor(raw, f"{what} layers[{i}]"), what)
-            for i, raw in enumerate(raw_layers)
-        ]
+        config_desc, layer_descs = parse_manifest(data, desc.media_type, what)
+        layers = [self._layer(d, what) for d in layer_descs]
         config_bytes = read_blob(self.files, config_desc, "config")
         config, diff_ids = parse_config(config_bytes, config_desc.digest, len(layers))
         plat = config_platform(config)

@@ -38,7 +38,6 @@ import trio
 from layerfs.digest import Digest
 from layerfs.errors import DigestMismatch, InvalidImage, LayerfsError, NotFound, RegistryError, Unauthorized
 from layerfs.image.oci import (
-    CONFIG_TYPES,
     DOCKER_LIST,
     DOCKER_MANIFEST,
     INDEX_TYPES,
@@ -56,6 +55,7 @@ from layerfs.image.oci import (
     parse_config,
     parse_descriptor,
     parse_json,
+    parse_manifest,
 )
 from layerfs.image.ref import Reference, canonical_reference, normalize_ref, parse_ref
 from layerfs.importer import ImportResult, import_resolved
@@ -181,14 +181,7 @@ async def resolve(reg: Registry, ref: Reference, platform: str | None) -> Remote
                                                          chosen.digest, chosen.size)
     if media_type not in MANIFEST_TYPES:
         raise InvalidImage(f"{what}: media type {media_type!r} is not an image manifest")
-    manifest = parse_json(data, what)
-    cdesc = parse_descriptor(manifest.get("config"), f"{what} config")
-    if cdesc.media_type not in CONFIG_TYPES:
-        raise InvalidImage(f"{what}: config media type {cdesc.media_type!r} is not a container image")
-    raw_layers = manifest.get("layers")
-    if not isinstance(raw_layers, list):
-        raise InvalidImage(f"{what}: layers is not a list")
-    layers = [parse_descriptor(r, f"{what} layers[{i}]") for i, r in enumerate(raw_layers)]
+    cdesc, layers = parse_manifest(data, media_type, what)
     for d in layers:
         if d.media_type not in LAYER_TYPES:
             raise InvalidImage(f"{what}: layer {d.digest} has unsupported media type {d.media_type!r}")
