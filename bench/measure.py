@@ -8,16 +8,61 @@ comes from (the daemon working, or the kernel waiting on it).
 
 Values are seconds: for a ``per_op`` metric, the block's time divided by its ``ops`` (the
 same for its CPU seconds), so the CPU column reads in the same unit as the time column.
+
+Besides times, a sample records what it cost in memory and disk: ``peak_rss(pids)`` is the
+peak resident set (``VmHWM`` of ``/proc/PID/status``) of the daemon(s) and every process
+below them, summed (an upper bound of their joint peak), read at the end of the sample; the
+runner adds the upper layer's allocated bytes and inodes after the unmount (``upper``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from bench.machine import process_cpu
+from layerfs.linux.proc import stat_fields
+
+
+def _descendants(pids: Sequence[int]) -> list[int]:
+    """``pids`` and every live process below them (by parent pid, ``/proc/PID/stat`` field 4)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields is not None and len(fields) > 1:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out: list[int] = []
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.append(pid)
+            todo += children.get(pid, [])
+    return out
+
+
+def _vm_hwm(pid: int) -> int | None:
+    """Peak resident set size of ``pid`` in bytes (``VmHWM``), None without such a process."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None  # a kernel thread or a zombie has no memory of its own
+
+
+def peak_rss(pids: Sequence[int]) -> int | None:
+    """The summed peak RSS of ``pids`` and their descendants, None if none of them has one."""
+    if not pids:
+        return None
+    readings = [r for r in (_vm_hwm(p) for p in _descendants(pids)) if r is not None]
+    return sum(readings) if readings else None
 
 
 @dataclass(frozen=True)
@@ -53,6 +98,8 @@ class Meter:
     values: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Metric] = field(default_factory=dict)
+    rss_bytes: int | None = None  # the daemons' peak RSS over the sample
+    upper: dict[str, int] | None = None  # allocated_bytes, inodes: what the sample left in the upper
 
     def daemon_cpu(self) -> float | None:
         if not self.pids:

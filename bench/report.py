@@ -7,6 +7,11 @@ Ratios are of times: lower is better, 1.00 is a tie. The daemon CPU column is th
 the FUSE daemon's (or, for store operations, the importing process') CPU seconds in the same
 unit as the time: total for a whole-operation metric, per op for a per-op one.
 
+Resources, per case and subject (``resources``): the FUSE daemon's peak RSS (``VmHWM``, the
+daemon and its children; the largest over the samples, and the median) and the upper layer's
+growth (allocated bytes, ``st_blocks``, and inodes after the unmount; median), with its ratio
+to native's growth on write cases (what the same operations added to a plain directory).
+
 The JSON file holds the machine, the run's configuration, every backend's availability,
 every workload's metrics, raw samples, per-case status and summary, and the targets.
 """
@@ -21,6 +26,7 @@ from dataclasses import asdict
 from typing import Any
 
 from bench.runner import WorkloadResult
+from layerfs.text import human_size
 from layerfs.text import table as text_table
 
 SCHEMA = 1
@@ -74,6 +80,57 @@ def summarize(w: WorkloadResult) -> list[dict[str, Any]]:
     return rows
 
 
+def resources(w: WorkloadResult) -> list[dict[str, Any]]:
+    """One row per (case, subject) with samples: peak RSS of the daemons, growth of the upper."""
+    rows: list[dict[str, Any]] = []
+    cases = list(dict.fromkeys(s["case"] for s in w.samples))
+    for case in cases:
+        native_growth = _median([s["upper"]["allocated_bytes"] for s in w.samples
+                                 if s["case"] == case and s["subject"] == "native" and "upper" in s])
+        for subject in w.subjects:
+            samples = [s for s in w.samples if s["case"] == case and s["subject"] == subject]
+            if not samples:
+                continue
+            rss = [s["rss_bytes"] for s in samples if s.get("rss_bytes") is not None]
+            upper = [s["upper"] for s in samples if s.get("upper") is not None]
+            allocated = [u["allocated_bytes"] for u in upper]
+            med_alloc = _median(allocated)
+            rows.append({
+                "case": case, "subject": subject, "n": len(samples),
+                "rss_peak_bytes": max(rss) if rss else None, "rss_median_bytes": _median(rss),
+                "rss_min_bytes": min(rss) if rss else None,
+                "upper_allocated_bytes": med_alloc,
+                "upper_allocated_min_bytes": min(allocated) if allocated else None,
+                "upper_allocated_max_bytes": max(allocated) if allocated else None,
+                "upper_inodes": _median([u["inodes"] for u in upper]),
+                "upper_vs_native": (med_alloc / native_growth if med_alloc is not None and native_growth
+                                    else None),
+            })
+    return rows
+
+
+def fmt_bytes(n: float | None) -> str:
+    return "–" if n is None else human_size(n, binary=True)
+
+
+def resources_table(w: WorkloadResult) -> str:
+    """Peak daemon RSS and upper growth per case and backend ("" when nothing was recorded)."""
+    rows = resources(w)
+    if not any(r["rss_peak_bytes"] is not None or r["upper_allocated_bytes"] is not None for r in rows):
+        return ""
+    header = ("case", "backend", "daemon peak RSS", "upper growth", "inodes", "×native")
+    out: list[tuple[str, ...]] = []
+    last = None
+    for r in rows:
+        inodes = r["upper_inodes"]
+        out.append((r["case"] if r["case"] != last else "", r["subject"], fmt_bytes(r["rss_peak_bytes"]),
+                    fmt_bytes(r["upper_allocated_bytes"]), "–" if inodes is None else f"{inodes:g}",
+                    fmt_ratio(r["upper_vs_native"]) if r["upper_vs_native"] is not None else ""))
+        last = r["case"]
+    return ("   resources (peak RSS of the FUSE daemon and its children; allocated bytes the sample left "
+            "in the upper):\n" + text_table(header, out, padding=2, right=(2, 3, 4, 5)).removesuffix("\n"))
+
+
 def ratio(w: WorkloadResult, metric: str, subject: str, other: str) -> tuple[float, float, float] | None:
     """(median(subject) / median(other), both medians), or None if either has no samples."""
     a, b = _median(w.values(metric, subject)), _median(w.values(metric, other))
@@ -123,6 +180,9 @@ def table(w: WorkloadResult) -> str:
         seen.add(key)
         where = "" if case == w.name else f" [{case}]"
         lines.append(f"   not measured: {subject}{where}: {status.state}: {status.reason}")
+    extra = resources_table(w)
+    if extra:
+        lines.append(extra)
     lines.append(f"   ({len(w.samples)} samples in {w.seconds:.0f}s; data written in {w.prepare_seconds:.1f}s of it)")
     return "\n".join(lines)
 
@@ -136,6 +196,8 @@ def workload_json(w: WorkloadResult) -> dict[str, Any]:
         "status": {case: {s: asdict(st) for s, st in by.items()} for case, by in w.status.items()},
         "samples": w.samples,
         "summary": summarize(w),
+        "resources": resources(w),
+        "facts": w.facts,
     }
 
 

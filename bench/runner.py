@@ -6,7 +6,9 @@ rounds in a seeded shuffle of that order), so a noisy moment hurts all alike and
 always runs right after the same one. Every sample gets a fresh scratch directory (upper,
 work, mount point), a fresh mount, ``sync`` before it, ``drop_caches`` after mounting when
 the case is cold, and an unmount (daemon stopped), the scratch removed and ``sync`` after
-it; after a write case's sample the runner also waits for the disk to go idle.
+it; after a write case's sample the runner also waits for the disk to go idle (at most 20 s, 0.25 s
+with --quick). Each sample also records the daemons' peak RSS and, after the unmount, the
+upper layer's allocated bytes and inodes (for native, what a write case added to the tree).
 
 Failures are data, not crashes: a backend that cannot run here is *skipped* (with the
 reason, for all cases), a case it cannot take (too many layers) is skipped for it, and a
@@ -36,9 +38,10 @@ from typing import Any, TypeVar
 from bench.backends import PAIRS, Backend, MountFailed, Stack, sweep
 from bench.datagen import write_small
 from bench.machine import drop_caches, is_root, settle_disk
-from bench.measure import Meter, Metric
+from bench.measure import Meter, Metric, peak_rss
 from bench.storeops import StoreOps
 from bench.workloads import Case, MountWorkload
+from layerfs.store.core import disk_usage
 
 Log = Callable[[str], None]
 Workload = MountWorkload | StoreOps
@@ -67,6 +70,7 @@ class WorkloadResult:
     prepare_seconds: float = 0.0
     seconds: float = 0.0  # the whole workload, data writing included
     error: str | None = None  # the workload could not be prepared
+    facts: dict[str, Any] = field(default_factory=dict)  # what a store workload measured besides times
 
     def values(self, metric: str, subject: str) -> list[float]:
         return [s["values"][metric] for s in self.samples if s["subject"] == subject and metric in s["values"]]
@@ -83,8 +87,13 @@ class WorkloadResult:
     def add(self, case: str, subject: str, round_: int, meter: Meter) -> None:
         for name, metric in meter.metrics.items():
             self.metrics.setdefault(name, metric)
-        self.samples.append({"case": case, "subject": subject, "round": round_,
-                             "values": dict(meter.values), "cpu": dict(meter.cpu)})
+        sample: dict[str, Any] = {"case": case, "subject": subject, "round": round_,
+                                  "values": dict(meter.values), "cpu": dict(meter.cpu)}
+        if meter.rss_bytes is not None:
+            sample["rss_bytes"] = meter.rss_bytes
+        if meter.upper is not None:
+            sample["upper"] = dict(meter.upper)
+        self.samples.append(sample)
         self.status.setdefault(case, {}).setdefault(subject, Status("ok"))
 
     def not_measured(self) -> list[tuple[str, str, Status]]:
@@ -142,8 +151,13 @@ def _fmt(seconds: float) -> str:
 class Runner:
     """Runs workloads inside one work directory; ``rounds`` samples per case and subject."""
 
-    def __init__(self, workdir: str, rounds: int, log: Log, *, sample_timeout: float) -> None:
+    def __init__(self, workdir: str, rounds: int, log: Log, *, sample_timeout: float,
+                 settle_timeout: float = 20.0, prepare_settle_timeout: float = 60.0) -> None:
         self.workdir = workdir
+        # how long to wait for an idle disk after a write sample and after writing layer data
+        # (--quick waits briefly: on a disk other work keeps busy, waiting is most of the run)
+        self.settle_timeout = settle_timeout
+        self.prepare_settle_timeout = prepare_settle_timeout
         self.rounds = rounds
         self.log = log
         self.sample_timeout = sample_timeout
@@ -169,7 +183,7 @@ class Runner:
         # the untimed gap, not inside the next backend's sample
         os.sync()
         if settle:
-            settle_disk(self.scratch_root)
+            settle_disk(self.scratch_root, timeout=self.settle_timeout)
 
     # --- backends -----------------------------------------------------------------------
 
@@ -224,7 +238,7 @@ class Runner:
         start = time.monotonic()
         cases = workload.prepare(data, self.log)
         os.sync()
-        settle_disk(data, quiet=0.5, timeout=60.0)  # the data's writeback is not the first sample's
+        settle_disk(data, quiet=0.5, timeout=self.prepare_settle_timeout)  # the data's writeback is not the first sample's
         result.prepare_seconds = time.monotonic() - start
         self.log(f"[{workload.name}] layer data ready in {result.prepare_seconds:.1f}s")
         for case in cases:
@@ -256,17 +270,30 @@ class Runner:
         for d in (upper, work, target):
             os.makedirs(d)
         mounted = None
+        native = backend.name == "native"
         try:
             with _deadline(self.sample_timeout):
                 mounted = backend.mount(case.stack, upper, work, target)
                 meter = Meter(pids=mounted.pids)
                 if case.mount_metric is not None and mounted.mount_seconds is not None:
                     meter.record(case.mount_metric, mounted.mount_seconds)
+                before = disk_usage(case.stack.native) if native and case.writes else None
                 os.sync()
                 if case.cold and self.cold_is_cold:
                     drop_caches()
                 case.measure(mounted.root, meter)
-                return meter
+                meter.rss_bytes = peak_rss(meter.pids)
+                if before is not None:  # native has no upper: what the workload added to the tree
+                    after = disk_usage(case.stack.native)
+                    meter.upper = {"allocated_bytes": after[0] - before[0], "inodes": after[1] - before[1]}
+            try:
+                backend.unmount(mounted)
+            finally:
+                mounted = None
+            if not native:  # after the unmount: a daemon has written everything it will
+                allocated, inodes = disk_usage(upper)
+                meter.upper = {"allocated_bytes": allocated, "inodes": inodes}
+            return meter
         finally:
             try:
                 if mounted is not None:
@@ -314,6 +341,10 @@ class Runner:
                 result.add(workload.name, subject, r, meter)
                 shown = ", ".join(f"{k} {_fmt(v)}" for k, v in meter.values.items())
                 self.log(f"[{workload.name}] {r + 1}/{self.rounds} {subject}: {shown}")
+        facts = getattr(workload, "facts", None)  # e.g. bytes moved (pull); described again with them
+        if facts is not None:
+            result.facts = facts()
+            result.description = workload.describe()
         return result
 
     def run(self, workload: Workload, backends: Sequence[Backend], unavailable: dict[str, str]) -> WorkloadResult:

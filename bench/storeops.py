@@ -350,7 +350,7 @@ class StoreOps:
 
     name = "store"
     title = "store operations: import and export vs containerd's ctr, commit of a changed container"
-    subjects = ("layerfs", "containerd")
+    subjects: tuple[str, ...] = ("layerfs", "containerd")
     reference = "containerd"
 
     def __init__(self, quick: bool) -> None:

@@ -18,6 +18,10 @@ Issue 6's, kept:
 - kernel within 5% of kernel-plain on every metric both have;
 - ``layerfs import`` <= 1.0x containerd's ``ctr images import``.
 
+Issue 13's (the pull workload): ``layerfs pull`` <= 1.0x ``ctr images pull`` and <= 0.7x
+``skopeo copy`` + ``layerfs import``; a second pull of an image sharing all but one layer
+moves only that layer (blob bytes the registry sent <= the new layer + the config).
+
 Each comes back MET, NOT MET (with the numbers) or SKIPPED (with the reason: a backend not
 available, a workload not selected). With ``--quick`` the sizes are small: indicative only.
 """
@@ -193,11 +197,31 @@ def evaluate(results: Mapping[str, WorkloadResult]) -> list[Target]:
     targets.append(_kernel_everywhere(results))
     targets.append(_compare(results, "import <= 1.0x ctr images import", "store", "import", "layerfs",
                             "containerd", 1.0))
+    targets += [  # issue 13's
+        _compare(results, "pull <= 1.0x ctr images pull", "pull", "pull", "layerfs", "containerd", 1.0),
+        _compare(results, "pull <= 0.7x skopeo copy + import", "pull", "pull", "layerfs", "skopeo+import", 0.7),
+        _second_pull_bytes(results),
+    ]
     return targets
 
 
+def _second_pull_bytes(results: Mapping[str, WorkloadResult]) -> Target:
+    name = "second pull (1 new layer) moves only that layer"
+    w = results.get("pull")
+    if w is None:
+        return Target(name, SKIPPED, "workload pull not run")
+    moved = [m["second"] for m in w.facts.get("blob_bytes_moved", {}).get("layerfs", [])]
+    if not moved:
+        return Target(name, SKIPPED, why_missing(w, "layerfs"))
+    limit = int(w.facts["new_layer_bytes"]) + int(w.facts["config_bytes"])
+    worst = max(moved)
+    detail = (f"layerfs moved {worst} bytes of blobs (most of {len(moved)} samples); "
+              f"new layer + config = {limit} bytes")
+    return Target(name, MET if worst <= limit else NOT_MET, detail, worst / limit if limit else None, 1.0)
+
+
 def render(targets: list[Target], quick: bool) -> str:
-    lines = [f"== targets (issues 11 and 6, for {FUSE}; evaluated, not asserted) =="]
+    lines = [f"== targets (issues 11 and 6, for {FUSE}; 13 for pull; evaluated, not asserted) =="]
     if quick:
         lines.append("   --quick sizes: indicative only")
     width = max(len(t.name) for t in targets)

@@ -289,7 +289,7 @@ class Depth(MountWorkload):
 
     def __init__(self, quick: bool) -> None:
         super().__init__(quick)
-        self.depths = [1, 16, 64] if quick else [1, 16, 64, 128, 500, 1000]
+        self.depths = [1, 64] if quick else [1, 16, 64, 128, 500, 1000]
         self.files = 20 if quick else 100
 
     def describe(self) -> str:

@@ -117,6 +117,7 @@ def commit(store: Store, c: Container, new_ref: str, message: str | None = None,
            author: str | None = None) -> importer.ImportResult:
     """The container's changes as a new image ``new_ref`` over its image's layers."""
     ref = images.normalize_ref(new_ref)
+    store.check_room(f"commit {c.name}")
     # the layer tar and its unpacked copy: about twice the upper (checked first, so a full
     # disk is said at once and nothing is half written)
     needed = 2 * usage(store, c)[0] + (1 << 20)

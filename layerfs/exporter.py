@@ -23,6 +23,7 @@ from layerfs.image import source as images
 from layerfs.image.oci import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, canonical_json
 from layerfs.importer import hash_stream
 from layerfs.layer import changes
+from layerfs.progress import Bar, Progress
 from layerfs.store import Image, Store
 
 
@@ -34,17 +35,44 @@ def _file_opener(path: str) -> Callable[[], BinaryIO]:
     return lambda: open(path, "rb")
 
 
+class _CountingWriter:
+    """``out`` with every byte written counted on a progress bar."""
+
+    def __init__(self, out: BinaryIO, bar: Bar) -> None:
+        self.out = out
+        self.bar = bar
+
+    def write(self, data: bytes) -> int:
+        n = self.out.write(data)
+        self.bar.update(len(data))
+        return n
+
+
+def _tar_estimate(layer_dir: str) -> int:
+    """About the size of the layer's tar: a 512-byte header per entry, contents padded to
+    512 bytes (PAX headers for long names and xattrs aside), the two end blocks."""
+    total = 1024
+    for dirpath, dirnames, filenames in os.walk(layer_dir):
+        total += 512 * len(dirnames)
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += 512 + -(-os.lstat(os.path.join(dirpath, name)).st_size // 512) * 512
+    return total
+
+
 @contextlib.contextmanager
-def export_images(store: Store, imgs: Sequence[Image], rebuild: bool = False) -> Iterator[list[images.ExportImage]]:
-    """ExportImage records for ``imgs``; temp files for rebuilt layers live while the block runs."""
+def export_images(store: Store, imgs: Sequence[Image], rebuild: bool = False,
+                  progress: Progress | None = None) -> Iterator[list[images.ExportImage]]:
+    """ExportImage records for ``imgs``; temp files for rebuilt layers live while the block runs.
+    A layer written from its directory shows a bar on ``progress`` (``Writing layer N/M``)."""
     with tempfile.TemporaryDirectory(prefix="export-", dir=store.tmp_dir) as tmp:
         out = []
         for img in imgs:
-            out.append(_export_one(store, img, tmp, rebuild))
+            out.append(_export_one(store, img, tmp, rebuild, progress or Progress(enabled=False)))
         yield out
 
 
-def _export_one(store: Store, img: Image, tmp: str, rebuild: bool) -> images.ExportImage:
+def _export_one(store: Store, img: Image, tmp: str, rebuild: bool, progress: Progress) -> images.ExportImage:
     manifest_bytes = store.content.read(img.manifest_digest)
     config_bytes = store.content.read(img.config_digest)
     manifest = json.loads(manifest_bytes)
@@ -64,8 +92,13 @@ def _export_one(store: Store, img: Image, tmp: str, rebuild: bool) -> images.Exp
                                              snap.diff_id, _blob_opener(store, digest)))
             continue
         path = os.path.join(tmp, f"layer-{img.config_digest.short()}-{i}.tar")
+        layer_dir = store.fs_dir(snap.id)
+        bar = progress.bar(f"Writing layer {i + 1}/{len(chain)} {Digest(snap.key).short()}",
+                           _tar_estimate(layer_dir) if progress.enabled else None)
         with open(path, "wb") as f:
-            changes.write_layer_tar(store.fs_dir(snap.id), f)
+            changes.write_layer_tar(layer_dir, _CountingWriter(f, bar))  # type: ignore[arg-type]
+        bar.total = bar.done  # the estimate gives way to what was written
+        bar.finish()
         with open(path, "rb") as f:
             new = hash_stream(f)
         size = os.path.getsize(path)
@@ -85,11 +118,12 @@ def _export_one(store: Store, img: Image, tmp: str, rebuild: bool) -> images.Exp
     return images.ExportImage([img.name], manifest_bytes, config_bytes, layers)
 
 
-def export(store: Store, refs: Sequence[str], out: str, fmt: str = "oci", rebuild: bool = False) -> list[Image]:
+def export(store: Store, refs: Sequence[str], out: str, fmt: str = "oci", rebuild: bool = False,
+           progress: Progress | None = None) -> list[Image]:
     if not refs:
         raise UsageError("export needs at least one image")
     imgs = [resolve_image(store, r) for r in refs]
-    with store.shared_lock(), export_images(store, imgs, rebuild) as records:
+    with store.shared_lock(), export_images(store, imgs, rebuild, progress) as records:
         if fmt == "oci":
             images.export_oci(records, out)
         elif fmt == "docker-archive":

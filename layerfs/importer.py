@@ -142,6 +142,7 @@ def import_resolved(
     limits: compression.Limits | None = None,
 ) -> ImportResult:
     """Import one resolved image (manifest + config + layers) under ``names``."""
+    store.check_room(f"import {', '.join(names)}")
     progress = progress or Progress(enabled=False)
     limits = limits or compression.Limits.from_env()
     diff_ids = list(img.diff_ids)

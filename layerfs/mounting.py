@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from layerfs import containers
 from layerfs.errors import InUse, InvalidArgument, LayerfsError, NotFound, Unsupported
 from layerfs.linux.mountinfo import mount_table
-from layerfs.linux.proc import boot_id, command_lines
+from layerfs.linux.proc import boot_id
 from layerfs.mount.backend import decide, for_format
 from layerfs.mount.spec import BIND, MountSpec, snapshot_spec
+from layerfs.mount.users import check_upper_free
 from layerfs.store import Image, MountRecord, Store
 from layerfs.store.schema import now_ns
 
@@ -58,65 +58,6 @@ def _with_reason(e: LayerfsError, reason: str | None) -> LayerfsError:
         return LayerfsError(f"{e} (kernel overlayfs was not used: {reason})")
 
 
-@dataclass(frozen=True)
-class UpperUser:
-    """A live mount writing into an upper directory, found outside the store's records."""
-
-    target: str
-    backend: str  # "kernel" or the FUSE program's name
-    pid: int | None
-
-    def __str__(self) -> str:
-        return f"{self.target} ({self.backend}, pid {self.pid if self.pid is not None else '-'})"
-
-
-_FUSE_OVERLAY_PROGRAMS = {b"layerfs-fuse": "fuse", b"layerfs.fuse.main": "fuse", b"fuse-overlayfs": "fuse-overlayfs"}
-
-
-def _fuse_program(argv: list[bytes]) -> str | None:
-    """The backend name of a FUSE overlay program's command line (its first words), or None."""
-    for a in argv[:4]:
-        for name, backend in _FUSE_OVERLAY_PROGRAMS.items():
-            if a.endswith(name):
-                return backend
-    return None
-
-
-def upper_users(upper: str) -> list[UpperUser]:
-    """Every live mount writing into ``upper``, whoever made it: kernel overlays whose
-    ``upperdir`` it is (``/proc/self/mountinfo``), and FUSE overlay daemons (layerfs-fuse,
-    fuse-overlayfs; started by layerfs, containerd's mount helper or by hand) given it as
-    ``upperdir=`` (their command lines in ``/proc``)."""
-    upper = os.path.realpath(upper)
-    found: list[UpperUser] = []
-    for m in mount_table():
-        if m.fs_type != "overlay":
-            continue
-        for o in m.super_options:
-            k, sep, v = o.partition("=")
-            if sep and k == "upperdir" and (v == upper or (not v.startswith("/") and upper.endswith("/" + v))):
-                found.append(UpperUser(m.mount_point, "kernel", None))
-    from layerfs.fuse.main import split_options
-
-    for pid, argv in command_lines():
-        program = _fuse_program(argv)
-        if program is None:
-            continue
-        for i, a in enumerate(argv):
-            opts = argv[i + 1] if a == b"-o" and i + 1 < len(argv) else a[2:] if a.startswith(b"-o") else None
-            if opts is None or b"upperdir=" not in opts:
-                continue
-            try:
-                value = MountSpec("overlay", "overlay", tuple(split_options(os.fsdecode(opts)))).upper
-            except LayerfsError:
-                continue
-            if value is not None and os.path.realpath(value) == upper:
-                args = [os.fsdecode(x) for x in argv if x and not x.startswith(b"-") and x != opts]
-                found.append(UpperUser(args[-1] if args else "?", program, pid))
-                break
-    return found
-
-
 def check_single_writer(spec: MountSpec, what: str) -> None:
     """Refuse a read-write ``spec`` whose upper a live mount already writes into (the
     kernel warns "upperdir is in-use ... undefined behavior" and mounts anyway; FUSE does not
@@ -124,10 +65,7 @@ def check_single_writer(spec: MountSpec, what: str) -> None:
     upper = spec.upper if spec.type != BIND else (spec.source if not spec.readonly else None)
     if spec.readonly or upper is None:
         return
-    users = upper_users(upper)
-    if users:
-        raise InUse(f"{what} is already mounted read-write at {users[0]}: one read-write mount at a time; "
-                    f"unmount it first (layerfs umount {users[0].target})")
+    check_upper_free(upper, what, "layerfs umount")
 
 
 def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend: str = "auto",
@@ -140,7 +78,7 @@ def mount(store: Store, spec: MountSpec, snapshot_key: str, target: str, backend
     A writable snapshot has one read-write mount at a time: a second is refused
     (``InUse``, naming the first mount's target, backend and pid) whether the first was
     recorded by layerfs (checked in the transaction that records this one) or made by
-    another program (``upper_users``). ``log`` is told which backend was chosen and why.
+    another program (``layerfs.mount.users``). ``log`` is told which backend was chosen and why.
     """
     from layerfs.mount import fuse, kernel
 

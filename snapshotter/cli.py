@@ -34,7 +34,7 @@ def snapshotter_group() -> None:
 @click.option("--workers", type=click.IntRange(1, 256), default=16, show_default=True,
               help="Concurrent requests.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+              show_default=True, help="Least severe log messages written to stderr.")
 @pass_ctx
 @handle_errors
 def serve_cmd(ctx: Ctx, address: str, backend: str, serve_root: str | None, namespace: str, workers: int,

@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 
 import click
 
-from layerfs.cli import containers, images, inspect, registry
+from layerfs.cli import containers, docs, images, inspect, registry, schemas
 from layerfs.cli.base import cli, interrupt_on_termination
 
 __all__ = ["cli", "main"]
@@ -21,7 +21,7 @@ __all__ = ["cli", "main"]
 ENTRY_POINT_GROUP = "layerfs.commands"
 
 # the command modules register themselves on ``cli`` when imported
-_COMMAND_MODULES = (containers, images, inspect, registry)
+_COMMAND_MODULES = (containers, docs, images, inspect, registry, schemas)
 
 
 def _plugins() -> None:

@@ -9,13 +9,14 @@ import time
 
 import click
 
+from layerfs.cli import complete
 from layerfs.cli.base import Ctx, cli, emit, emit_json, handle_errors, pass_ctx
 from layerfs.errors import InUse, NotFound, UsageError
 from layerfs.text import human_duration, human_size, rfc3339_nano, table
 
 
 @cli.command("mount")
-@click.argument("name")
+@click.argument("name", shell_complete=complete.images_or_containers)
 @click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
 @click.option("--backend", type=click.Choice(["auto", "kernel", "fuse"]), default="auto", show_default=True,
               help="kernel overlayfs, the FUSE program layerfs-fuse, or auto: kernel when it can mount the store.")
@@ -65,7 +66,7 @@ def _make_mountpoint(path: str) -> list[str]:
 
 
 @cli.command("umount")
-@click.argument("mountpoint", metavar="MOUNTPOINT|NAME")
+@click.argument("mountpoint", metavar="MOUNTPOINT|NAME", shell_complete=complete.images_or_containers)
 @click.option("-l", "--lazy", is_flag=True, help="Detach now, clean up when no longer busy.")
 @pass_ctx
 @handle_errors
@@ -138,7 +139,7 @@ def _mounted_names(ctx: Ctx, keys: list[str]) -> dict[str, str]:
 
 
 @cli.command("create")
-@click.argument("args", nargs=-1, required=True, metavar="IMAGE [NAME]")
+@click.argument("args", nargs=-1, required=True, metavar="IMAGE [NAME]", shell_complete=complete.images)
 @click.option("--from", "ref", help="The image the container starts from (then the argument is NAME).")
 @click.option("--name", "name_opt", help="The container's name (default: made from the image's).")
 @pass_ctx
@@ -195,7 +196,7 @@ def ps_cmd(ctx: Ctx, fmt: str, size: bool, quiet: bool) -> None:
 
 
 @cli.command("rm")
-@click.argument("names", nargs=-1, required=True)
+@click.argument("names", nargs=-1, required=True, shell_complete=complete.containers)
 @click.option("-f", "--force", is_flag=True, help="Unmount a mounted container first.")
 @pass_ctx
 @handle_errors
@@ -212,7 +213,7 @@ def rm_cmd(ctx: Ctx, names: tuple[str, ...], force: bool) -> None:
 
 
 @cli.command("commit")
-@click.argument("name")
+@click.argument("name", shell_complete=complete.containers)
 @click.argument("newref")
 @click.option("-m", "--message", help="Recorded as the history entry's created_by and comment.")
 @click.option("-a", "--author", help="Recorded as the image config's author (\"Name <email>\").")
@@ -228,7 +229,7 @@ def commit_cmd(ctx: Ctx, name: str, newref: str, message: str | None, author: st
 
 
 @cli.command("bundle")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete.images_or_containers)
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("args", nargs=-1)
 @click.option("--name", help="Name of the container to create (default: the directory's name).")
@@ -267,6 +268,7 @@ def info_cmd(ctx: Ctx, fmt: str) -> None:
     auto = "kernel" if backends["kernel"][0] else "fuse" if backends["fuse"][0] else None
     if fmt == "json":
         emit_json({
+            "schemaVersion": 1,  # layerfs schema info
             "kernel": {"release": info.kernel_release,
                        **{k: {"value": getattr(info, k), "why": v} for k, v in info.why.items()}},
             "store": {"root": store.root, "fs_type": fs.fs_type, "d_type": fs.d_type,

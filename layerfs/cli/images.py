@@ -14,6 +14,7 @@ from typing import BinaryIO
 import click
 
 from layerfs import importer
+from layerfs.cli import complete
 from layerfs.cli.base import Ctx, cli, emit, emit_json, handle_errors, pass_ctx
 from layerfs.errors import UsageError
 
@@ -29,7 +30,7 @@ from layerfs.errors import UsageError
 def import_cmd(ctx: Ctx, path: str, names: tuple[str, ...], platform: str | None) -> None:
     """Import an OCI image layout (dir or tar) or a docker-archive; PATH ``-`` reads a tar from stdin."""
     if path == "-":
-        with _stdin_spooled(ctx) as spooled:
+        with ctx.store.shared_lock(), _stdin_spooled(ctx) as spooled:  # (its tmp/ file: see export -)
             results = importer.import_path(ctx.store, spooled, name=list(names), platform=platform,
                                            progress=ctx.progress())
     else:
@@ -72,7 +73,7 @@ def import_layer_cmd(ctx: Ctx, tars: tuple[str, ...], name: str, platform: str |
 
 
 @cli.command("rmi")
-@click.argument("refs", nargs=-1, required=True)
+@click.argument("refs", nargs=-1, required=True, shell_complete=complete.images)
 @click.option("-f", "--force", is_flag=True,
               help="Untag even if a container uses the image; by image ID, untag all its names.")
 @pass_ctx
@@ -114,12 +115,25 @@ def rmi_cmd(ctx: Ctx, refs: tuple[str, ...], force: bool) -> None:
 
 
 @cli.command("gc")
+@click.option("-n", "--dry-run", is_flag=True,
+              help="Only show what would be removed (layers with their directories, blobs, bytes); change nothing.")
 @pass_ctx
 @handle_errors
-def gc_cmd(ctx: Ctx) -> None:
+def gc_cmd(ctx: Ctx, dry_run: bool) -> None:
     """Drop layers and blobs that no image needs."""
     from layerfs.store import garbage
+    from layerfs.text import human_size
 
+    if dry_run:
+        plan = garbage.plan(ctx.store)
+        for chain_id, directory, size in plan.layers:
+            click.echo(f"Would delete layer: {chain_id} {os.path.relpath(directory, ctx.store.root)} "
+                       f"({human_size(size)})")
+        for digest, size in plan.blobs:
+            click.echo(f"Would delete blob: {digest} ({human_size(size)})")
+        click.echo(f"Would free {human_size(plan.bytes)} ({plan.bytes} bytes): {len(plan.layers)} layers, "
+                   f"{len(plan.blobs)} blobs")
+        return
     layers, blobs = garbage.collect(ctx.store)
     for layer in layers:
         click.echo(f"Deleted layer: {layer}")
@@ -141,7 +155,7 @@ def fsck_cmd(ctx: Ctx, repair: bool, verify_blobs: bool, fmt: str) -> None:
 
     report = fsck(ctx.store, repair=repair, verify_blobs=verify_blobs)
     if fmt == "json":
-        emit_json({"clean": report.clean,
+        emit_json({"schemaVersion": 1, "clean": report.clean,
                    "findings": [{"problem": f.problem, "repaired": f.repaired} for f in report.findings]})
     else:
         for f in report.findings:
@@ -158,10 +172,10 @@ def _need(cond: bool, msg: str) -> None:
 
 
 @cli.command("images")
-@click.argument("repository", required=False)
+@click.argument("repository", required=False, shell_complete=complete.images)
 @click.option("--tree", is_flag=True,
-              help="Draw the layers shared between images as one tree (like dockviz); with REPOSITORY, "
-                   "that image's ancestry (podman image tree).")
+              help="Draw the layers shared between images as one tree (like dockviz; nodes are ChainIDs); "
+                   "with REPOSITORY, that image's ancestry (podman image tree).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "tree", "dot"]), default=None,
               help="table|json, or with --tree: tree|dot|json.")
 @click.option("--no-trunc", is_flag=True, help="Full digests.")
@@ -192,14 +206,15 @@ def images_cmd(ctx: Ctx, repository: str | None, tree: bool, fmt: str | None, no
 
 
 @cli.command("history")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete.images)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="table for people, json for programs.")
 @click.option("--no-trunc", is_flag=True, help="Full digests and CREATED BY.")
 @pass_ctx
 @handle_errors
 def history_cmd(ctx: Ctx, ref: str, fmt: str, no_trunc: bool) -> None:
-    """Per layer: created_by from the image config, size and diffID."""
+    """Per step of the image config's history: its layer's diffID (<none> for a config-only
+    step), created, created_by, size and comment; top first."""
     from layerfs import catalog
     from layerfs.cli import render
 
@@ -208,8 +223,8 @@ def history_cmd(ctx: Ctx, ref: str, fmt: str, no_trunc: bool) -> None:
 
 
 @cli.command("diff")
-@click.argument("ref")
-@click.argument("other", required=False)
+@click.argument("ref", shell_complete=complete.images_or_containers)
+@click.argument("other", required=False, shell_complete=complete.images)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="table for people, json for programs.")
 @click.option("--no-trunc", is_flag=True, help="Full digests and CREATED BY.")
@@ -265,7 +280,7 @@ def df_cmd(ctx: Ctx, fmt: str, verbose: bool, no_trunc: bool) -> None:
 
 
 @cli.command("tag")
-@click.argument("source")
+@click.argument("source", shell_complete=complete.images)
 @click.argument("target")
 @pass_ctx
 @handle_errors
@@ -279,7 +294,7 @@ def tag_cmd(ctx: Ctx, source: str, target: str) -> None:
 
 
 @cli.command("export")
-@click.argument("refs", nargs=-1, required=True)
+@click.argument("refs", nargs=-1, required=True, shell_complete=complete.images)
 @click.argument("out")
 @click.option("--format", "fmt", type=click.Choice(["oci", "docker-archive"]), default="oci",
               help="OCI image layout (default) or docker-archive.")
@@ -296,9 +311,10 @@ def export_cmd(ctx: Ctx, refs: tuple[str, ...], out: str, fmt: str, rebuild_laye
     if out == "-" or gzipped:
         if out == "-" and sys.stdout.isatty():
             raise UsageError("export -: stdout is a terminal; redirect it (layerfs export REF - > image.tar)")
-        with tempfile.TemporaryDirectory(prefix="export-", dir=ctx.store.tmp_dir) as tmp:
+        # under the store lock: fsck takes tmp/ entries made while nobody holds it for garbage
+        with ctx.store.shared_lock(), tempfile.TemporaryDirectory(prefix="export-", dir=ctx.store.tmp_dir) as tmp:
             tar = os.path.join(tmp, "image.tar")
-            imgs = exporter.export(ctx.store, list(refs), tar, fmt=fmt, rebuild=rebuild_layers)
+            imgs = exporter.export(ctx.store, list(refs), tar, fmt=fmt, rebuild=rebuild_layers, progress=ctx.progress())
             with open(tar, "rb") as src:
                 if out == "-":
                     shutil.copyfileobj(src, sys.stdout.buffer, 1 << 20)
@@ -307,7 +323,7 @@ def export_cmd(ctx: Ctx, refs: tuple[str, ...], out: str, fmt: str, rebuild_laye
                     _write_gzip(src, out)
         ctx.log(f"Exported {', '.join(i.name for i in imgs)} to {'stdout' if out == '-' else out} ({fmt})")
         return
-    imgs = exporter.export(ctx.store, list(refs), out, fmt=fmt, rebuild=rebuild_layers)
+    imgs = exporter.export(ctx.store, list(refs), out, fmt=fmt, rebuild=rebuild_layers, progress=ctx.progress())
     ctx.log(f"Exported {', '.join(i.name for i in imgs)} to {out} ({fmt})")
 
 

@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING
 
 import click
 
+from layerfs.cli import complete
 from layerfs.cli.base import Ctx, cli, emit, handle_errors, pass_ctx
 from layerfs.errors import UsageError
 
 if TYPE_CHECKING:
+    from layerfs import analysis
     from layerfs.analysis.waste import Rules
-    from layerfs.store import Image
+    from layerfs.store import Image, Store
     from layerfs.tui import ExplorerModel
 
 # dive's defaults in CI mode
@@ -49,7 +51,7 @@ def _rules(ci: bool, config: str | None, lowest_efficiency: str | None, highest_
 
 
 @cli.command("analyze")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete.images_or_containers)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="table for people, json for programs (every path, every duplicate group).")
 @click.option("--no-trunc", is_flag=True, help="Full digests and CREATED BY.")
@@ -72,7 +74,7 @@ def _rules(ci: bool, config: str | None, lowest_efficiency: str | None, highest_
 def analyze_cmd(ctx: Ctx, ref: str, fmt: str, no_trunc: bool, top: int, ci: bool, ci_config: str | None,
                 lowest_efficiency: str | None, highest_wasted_bytes: str | None,
                 highest_user_wasted_percent: str | None, interactive: bool) -> None:
-    """What each layer of an image adds and wastes: bytes overwritten or deleted by later
+    """What each layer of an image (or of a container: its upper on top) adds and wastes: bytes overwritten or deleted by later
     layers, duplicated content, metadata-only copies, the efficiency score, the worst paths.
 
     With rules (--ci, --ci-config or a threshold) exits 1 when one is crossed."""
@@ -86,15 +88,30 @@ def analyze_cmd(ctx: Ctx, ref: str, fmt: str, no_trunc: bool, top: int, ci: bool
         _explore(ctx, store.reading(lambda: catalog.resolve_image(store, ref)))
         return
     # one state of the store, retried past a concurrent rmi/gc (Store.reading)
-    result = store.reading(lambda: analysis.analyze(store, catalog.resolve_image(store, ref)))
+    result = store.reading(lambda: _analyze_ref(store, ref))
     checked = analysis.check_rules(result, rules) if rules.any or ci or ci_config else []
     emit(render.render_analysis(result, checked, fmt=fmt, no_trunc=no_trunc, top=top))
     if any(r.status == waste.FAIL for r in checked):
         raise SystemExit(1)
 
 
+def _analyze_ref(store: Store, ref: str) -> analysis.Analysis:
+    """An image, or a container: its image's layers and its upper as the top layer (renamed
+    directories there, overlay redirects, are followed as the mounted container shows them)."""
+    from layerfs import analysis, catalog, containers
+
+    c = containers.find(store, ref)
+    if c is None:
+        return analysis.analyze(store, catalog.resolve_image(store, ref))
+    dirs = [*reversed(containers.lowers(store, c)), containers.upper(store, c)]  # bottom first
+    img = store.find_image(c.image)
+    infos = list(catalog.image_info(store, img).layers) if img is not None and img.config_digest == c.config_digest \
+        else []  # the upper has no record: LAYER N+1, DIFF ID <none>
+    return analysis.analyze_dirs(dirs, infos, name=f"container {c.name} (of {c.image})")
+
+
 @cli.command("tree")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete.images)
 @click.option("--layer", "upto", type=int, metavar="N",
               help="The tree as layer N (1 = the bottom layer) leaves it, marked with what N changed.")
 @click.option("--changes-only", is_flag=True, help="Only what the layer added, changed or deleted.")
@@ -122,7 +139,7 @@ def tree_cmd(ctx: Ctx, ref: str, upto: int | None, changes_only: bool, fmt: str)
 
 
 @cli.command("inspect")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete.images)
 @click.option("--raw", is_flag=True, help="The manifest (with --config: the config) byte for byte as stored.")
 @click.option("--config", "show_config", is_flag=True, help="The image config instead of the summary.")
 @pass_ctx
@@ -144,7 +161,7 @@ def inspect_cmd(ctx: Ctx, ref: str, raw: bool, show_config: bool) -> None:
 
 
 @cli.command("explore")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete.images)
 @pass_ctx
 @handle_errors
 def explore_cmd(ctx: Ctx, ref: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from layerfs import registry
+from layerfs.cli import complete
 from layerfs.cli.base import Ctx, cli, emit_json, handle_errors, pass_ctx
 from layerfs.errors import UsageError
 from layerfs.registry.login import registry_host
@@ -51,7 +52,8 @@ def _options(tls_verify: bool, cert_dir: str | None, retries: int, creds: str | 
 @click.option("--creds", metavar="USER:PASSWORD", help="Credentials (default: auth.json, ~/.docker/config.json).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 32), default=3, show_default=True,
               help="Layers downloaded at once.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: NAME DIGEST on stdout; json: what was pulled, for programs.")
 @_transport_options
 @pass_ctx
 @handle_errors
@@ -73,7 +75,7 @@ def pull_cmd(ctx: Ctx, ref: str, name: str | None, platform: str | None, creds: 
 
 
 @cli.command("push")
-@click.argument("image")
+@click.argument("image", shell_complete=complete.images)
 @click.argument("destination", required=False)
 @click.option("--creds", metavar="USER:PASSWORD", help="Credentials (default: auth.json, ~/.docker/config.json).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 32), default=3, show_default=True,
@@ -82,22 +84,28 @@ def pull_cmd(ctx: Ctx, ref: str, name: str | None, platform: str | None, creds: 
               help="Upload in PATCH chunks of this many bytes (default: one PUT per blob).")
 @click.option("--index-with", "index_with", multiple=True, metavar="IMAGE",
               help="Push an image index of IMAGE and this image (repeat; one image per platform).")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--allow-non-distributable-blobs", "push_foreign", is_flag=True,
+              help="Upload foreign (non-distributable) layers too (default: keep their urls, do not upload).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: the manifest digest on stdout; json: what was pushed, for programs.")
 @_transport_options
 @pass_ctx
 @handle_errors
 def push_cmd(ctx: Ctx, image: str, destination: str | None, creds: str | None, jobs: int, chunk_size: int | None,
-             index_with: tuple[str, ...], fmt: str, tls_verify: bool, cert_dir: str | None, retries: int) -> None:
+             index_with: tuple[str, ...], push_foreign: bool, fmt: str, tls_verify: bool, cert_dir: str | None,
+             retries: int) -> None:
     """Push a stored image to a registry (DESTINATION defaults to IMAGE's name); prints the manifest digest."""
     opts = _options(tls_verify, cert_dir, retries, creds, jobs, chunk_size)
+    opts.push_foreign = push_foreign
     r = registry.push(ctx.store, image, destination, index_with=index_with, opts=opts, progress=ctx.progress())
     if fmt == "json":
         emit_json({"source": r.source, "destination": r.destination, "manifest_digest": r.manifest_digest,
                    "manifest_size": r.manifest_size, "blobs": r.blobs})
         return
-    counts = {k: sum(1 for v in r.blobs.values() if v == k) for k in ("uploaded", "mounted", "exists")}
+    counts = {k: sum(1 for v in r.blobs.values() if v == k) for k in ("uploaded", "mounted", "exists", "foreign")}
+    foreign = f", {counts['foreign']} foreign layers left to their urls" if counts["foreign"] else ""
     ctx.log(f"Pushed {r.source} to {r.destination} ({counts['uploaded']} blobs uploaded, "
-            f"{counts['mounted']} mounted, {counts['exists']} already there)")
+            f"{counts['mounted']} mounted, {counts['exists']} already there{foreign})")
     click.echo(r.manifest_digest)
 
 

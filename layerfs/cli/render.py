@@ -380,7 +380,9 @@ def _tree_json(roots: list[_Node]) -> str:
 def render_tree(images: Iterable[ImageInfo], fmt: str = "tree", no_trunc: bool = False) -> str:
     """dockviz ``images --tree``: every image's layers merged into one forest.
 
-    Each line is ``<prefix><id> Size: <own> Virtual Size: <cumulative>`` plus
+    Each line is ``<prefix><id> Size: <own> Virtual Size: <cumulative>`` (``<id>``: the
+    layer's ChainID, since a node is a layer *with everything below it*: the one layer
+    identity images share; per-image views name layers by diffID) plus
     `` Tags: a:1, b:2`` where the layer is the top of one or more images; siblings are
     ordered by id. Images without layers share one last top-level line,
     ``<none> Size: 0B Virtual Size: 0B Tags: ...``, so every line has the same fields. ``dot`` draws the same forest for Graphviz; ``json`` nests
@@ -421,10 +423,10 @@ def render_history(
     no_trunc: bool = False,
     now: datetime | None = None,
 ) -> str:
-    """``docker history``: LAYER (diff id), CREATED, CREATED BY, SIZE, COMMENT; top first.
+    """``docker history``: DIFF ID, CREATED, CREATED BY, SIZE, COMMENT; top first.
 
     Config-only steps (``empty_layer``: ENV, CMD, LABEL ...) are listed too, as docker lists
-    them, with LAYER ``<none>`` and SIZE 0B (JSON: ``chain_id``/``diff_id`` null,
+    them, with DIFF ID ``<none>`` and SIZE 0B (JSON: ``chain_id``/``diff_id`` null,
     ``empty_layer`` true). Sizes use the same 4 significant digits as every other layerfs
     view (docker history alone uses 3).
     """
@@ -456,7 +458,7 @@ def render_history(
         )
         for step in top_first
     ]
-    return table(("LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"), rows, minwidth=DOCKER_MINWIDTH)
+    return table(("DIFF ID", "CREATED", "CREATED BY", "SIZE", "COMMENT"), rows, minwidth=DOCKER_MINWIDTH)
 
 
 def _checked(changes: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -483,7 +485,7 @@ def render_layer_diffs(
 ) -> str:
     """What each layer adds, changes and deletes, bottom layer first.
 
-    Table: per layer a header ``# layer N/M <diff id>  <created by>  (+a ~c -d)`` and its
+    Table: per layer a header ``# layer N/M diffID <diff id>  <created by>  (+a ~c -d)`` and its
     ``KIND PATH`` lines. Headers start with ``#`` and no blank lines are added, so
     ``grep -v '^#'`` leaves plain docker-diff lines. JSON: one object per layer with
     ``index`` (1-based, bottom = 1, as in the header), full ids and its ``changes``.
@@ -509,7 +511,7 @@ def render_layer_diffs(
         counts = {kind: 0 for kind in CHANGE_KINDS}
         for kind, _path in changes:
             counts[kind] += 1
-        header = f"# layer {n}/{len(layers)} {_short(layer.diff_id, no_trunc)}"
+        header = f"# layer {n}/{len(layers)} diffID {_short(layer.diff_id, no_trunc)}"
         if layer.created_by:
             header += "  " + _created_by(layer, no_trunc)
         header += f"  (+{counts['A']} ~{counts['C']} -{counts['D']})"

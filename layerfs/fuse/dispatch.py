@@ -60,8 +60,8 @@ session. Union semantics are the model's; this module owns what the protocol add
   files of a writable union (a reader of one must see its copy-up, which a kernel reading
   the lower file directly would not).
 
-Threads: calls that may copy data (open, create, read, write, fsync, setattr, link,
-rename, set/removexattr) run in worker threads, as in ``ops``; everything else, and all
+Threads: calls that may copy data (open, read, write, fsync, setattr, link, rename,
+set/removexattr) run in worker threads, as in ``ops``; everything else, and all
 state of this class, stays on the trio thread.
 """
 
@@ -204,10 +204,10 @@ class Dispatcher:
             p.Op.STATFS: self.statfs, p.Op.RELEASE: self.release, p.Op.FLUSH: self.flush,
             p.Op.GETXATTR: self.getxattr, p.Op.LISTXATTR: self.listxattr, p.Op.OPENDIR: self.opendir,
             p.Op.READDIR: self.readdir, p.Op.READDIRPLUS: self.readdirplus, p.Op.RELEASEDIR: self.releasedir,
-            p.Op.FSYNCDIR: self.fsyncdir, p.Op.ACCESS: self.access,
+            p.Op.FSYNCDIR: self.fsyncdir, p.Op.ACCESS: self.access, p.Op.CREATE: self.create,
         }
         self.offloaded: dict[int, AsyncHandler] = {
-            p.Op.SETATTR: self.setattr, p.Op.OPEN: self.open, p.Op.CREATE: self.create, p.Op.READ: self.read,
+            p.Op.SETATTR: self.setattr, p.Op.OPEN: self.open, p.Op.READ: self.read,
             p.Op.WRITE: self.write, p.Op.FSYNC: self.fsync, p.Op.FALLOCATE: self.fallocate,
             p.Op.LINK: self.link, p.Op.RENAME: self.rename,
             p.Op.RENAME2: self.rename2, p.Op.SETXATTR: self.setxattr, p.Op.REMOVEXATTR: self.removexattr,
@@ -535,10 +535,12 @@ class Dispatcher:
         return self._open_reply(req.nodeid, fh, keep_cache=self._is_immutable(req.nodeid),
                                 readonly=flags & os.O_ACCMODE == os.O_RDONLY)
 
-    async def create(self, req: Request) -> Answer:
+    def create(self, req: Request) -> Answer:
+        # on the trio thread, as mkdir and mknod: a create makes a new file (an existing
+        # name is refused) and copies up directories only, never file data
         flags, mode, umask, _ = p.CREATE_IN.unpack_from(req.arg)
         name = self._name(req.arg, p.CREATE_IN.size)
-        fh, attr = await self._offload(self.model.create, req.nodeid, name, mode, flags, self.ctx(req, umask))
+        fh, attr = self.model.create(req.nodeid, name, mode, flags, self.ctx(req, umask))
         node = self.node_of(attr)
         opened = self._open_reply(node, fh, keep_cache=False, readonly=flags & os.O_ACCMODE == os.O_RDONLY)
         assert opened.undo is not None

@@ -35,7 +35,6 @@ import resource
 import signal
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,8 @@ from layerfs import __version__
 from layerfs.errors import LayerfsError, UsageError
 from layerfs.fuse import session as session_module
 from layerfs.linux import fusedev
-from layerfs.mount.spec import split_lowerdir, unescape_path
+from layerfs.mount.spec import split_lowerdir, split_options, unescape_path
+from layerfs.mount.users import check_upper_free
 from layerfs.union import whiteout
 from layerfs.union.api import UnionOps
 
@@ -177,31 +177,6 @@ class Options:
     @property
     def readonly(self) -> bool:
         return self.upper is None or "ro" in self.flags
-
-
-def split_options(text: str) -> list[str]:
-    """Split a ``-o`` string at commas that are neither backslash-escaped nor inside "quotes".
-
-    Escapes stay in place (layer paths are unescaped per key); quotes are kept too
-    (containers/storage quotes ``context="a,b"``).
-    """
-    out: list[str] = []
-    cur: list[str] = []
-    quoted = False
-    chars = iter(text)
-    for c in chars:
-        if c == "\\":
-            cur += [c, next(chars, "")]
-        elif c == '"':
-            quoted = not quoted
-            cur.append(c)
-        elif c == "," and not quoted:
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-    out.append("".join(cur))
-    return [o for o in out if o]
 
 
 def parse_args(argv: Sequence[str]) -> Options | str:
@@ -418,8 +393,11 @@ def resolve_layers(opts: Options) -> None:
 
 
 def build_model(opts: Options) -> UnionOps:
-    """Check the directories and construct the union model (retrying briefly while busy)."""
+    """Check the directories and construct the union model (retrying briefly while busy).
+    An upperdir another live mount writes into (kernel or FUSE) is refused, naming it."""
     resolve_layers(opts)
+    if opts.upper is not None:  # (this process and the parent waiting for it are not a user)
+        check_upper_free(opts.upper, f"upperdir {opts.upper}", exclude_pids={os.getpid(), os.getppid()})
     if not opts.mountpoint.startswith("/dev/fd/") and not os.path.isdir(opts.mountpoint):
         raise LayerfsError(f"mount point {opts.mountpoint} does not exist or is not a directory")
     cls = load_model(opts.model)
@@ -469,6 +447,8 @@ class Readiness:
 @contextlib.contextmanager
 def _captured_stderr(out: list[str]) -> Iterator[None]:
     """Collect what C code (libfuse) writes to fd 2 meanwhile into ``out``."""
+    import tempfile  # pyfuse3 only: not imported by a mount on the kernel transport
+
     saved = os.dup(2)
     with tempfile.TemporaryFile() as tmp:
         os.dup2(tmp.fileno(), 2)

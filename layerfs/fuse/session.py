@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import queue
+import select
 import signal
 import threading
 from collections.abc import Callable
@@ -72,6 +72,11 @@ WANTED = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.PARALLEL_DIROPS | p
           | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.ASYNC_DIO | p.CACHE_SYMLINKS | p.INIT_EXT | p.POSIX_ACL)
 # a read of the device that failed with one of these is simply tried again
 _RETRY = (errno.EINTR, errno.EAGAIN, errno.ENOENT)
+# with no request of ours in a worker thread, an empty device is first waited for this long
+# (ms) outside trio: a client that just got its reply usually asks again within microseconds
+# (ls -l: stat, then getxattr; create, write, close), and a plain poll(2) costs a fraction of
+# a trio wait (epoll re-arm, scheduler pass, task switch) -- the largest per-request cost
+QUICK_WAIT_MS = 1
 
 
 class Notifier:
@@ -121,6 +126,7 @@ class Session:
         self.errors = 0
         self.interrupted = 0
         self._pending: dict[int, trio.CancelScope] = {}
+        self._slow = 0  # requests handed to tasks of their own and not yet answered
         self._nursery: trio.Nursery | None = None
 
     # --- the loop ---------------------------------------------------------------------------
@@ -142,11 +148,17 @@ class Session:
         buf = bytearray(BUFFER_SIZE)
         view = memoryview(buf)
         fd = self.fd
+        quick = select.poll()
+        quick.register(fd, select.POLLIN)
         since_checkpoint = 0
         while True:
             try:
                 n = os.readv(fd, [buf])
             except BlockingIOError:
+                # only while no task waits for a thread (its reply would wait for us), and at
+                # most QUICK_WAIT_MS: signals and the rest of trio wait no longer than that
+                if not self._slow and quick.poll(QUICK_WAIT_MS):
+                    continue
                 await trio.lowlevel.wait_readable(fd)
                 since_checkpoint = 0
                 continue
@@ -197,6 +209,7 @@ class Session:
         slow = d.offloaded.get(opcode)
         if slow is not None:
             assert self._nursery is not None
+            self._slow += 1
             self._nursery.start_soon(self._serve_slow, req, slow)
         elif opcode == p.Op.INTERRUPT:
             self._interrupt(req)
@@ -222,6 +235,7 @@ class Session:
                 self._send(req, answer)
             finally:
                 self._pending.pop(req.unique, None)
+                self._slow -= 1
         if scope.cancelled_caught:
             self.interrupted += 1
             self._error(req, errno.EINTR)
@@ -338,6 +352,8 @@ class Session:
     def write_stats(self) -> None:
         if not self.stats_path:
             return
+        import json  # only with --stats: a mount need not import it
+
         tmp = f"{self.stats_path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:

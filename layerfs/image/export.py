@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from layerfs import failpoint
 from layerfs.digest import Digest, VerifyingReader
 from layerfs.errors import AlreadyExists, DigestMismatch, InvalidArgument, InvalidImage, NotFound
 from layerfs.image.oci import (
@@ -332,7 +333,9 @@ def _write(plan: _Plan, out: str, as_tar: bool) -> None:
                         f.write(item)
                     else:
                         _copy(item, f)
+        failpoint.hit("export.staged")  # (crash points: the output is whole or absent)
         os.rename(target, out)  # over a missing path, an old tar, or an empty directory
+        failpoint.hit("export.renamed")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

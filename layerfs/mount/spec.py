@@ -63,6 +63,31 @@ def unescape_path(value: str) -> str:
     return "".join(_unescaped_chars(value))
 
 
+def split_options(text: str) -> list[str]:
+    """Split a ``-o`` string at commas that are neither backslash-escaped nor inside "quotes".
+
+    Escapes stay in place (layer paths are unescaped per key); quotes are kept too
+    (containers/storage quotes ``context="a,b"``).
+    """
+    out: list[str] = []
+    cur: list[str] = []
+    quoted = False
+    chars = iter(text)
+    for c in chars:
+        if c == "\\":
+            cur += [c, next(chars, "")]
+        elif c == '"':
+            quoted = not quoted
+            cur.append(c)
+        elif c == "," and not quoted:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+    out.append("".join(cur))
+    return [o for o in out if o]
+
+
 def split_lowerdir(value: str) -> list[str]:
     """Split a ``lowerdir=`` value at unescaped ``:`` and unescape each path (top first)."""
     parts: list[str] = []

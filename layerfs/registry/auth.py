@@ -11,8 +11,18 @@ Each file is ``{"auths": {KEY: {"auth": base64("user:password")}}}`` (``username
 ``password`` fields and ``identitytoken`` are read too). A KEY is a registry host
 (``127.0.0.1:5000``, ``docker.io``), optionally with a repository namespace
 (``quay.io/team``: the longest match wins, as in containers-auth.json(5)), or docker's URL
-spellings (``https://index.docker.io/v1/``). Credential helpers (``credsStore``,
-``credHelpers``) are not run.
+spellings (``https://index.docker.io/v1/``).
+
+Credential helpers, as docker and podman run them: a file's ``credHelpers`` (``{HOST:
+NAME}``) names the helper for one registry, its ``credsStore`` (``NAME``) the helper for all
+the others; either is asked before that file's ``auths``. The helper is the program
+``docker-credential-NAME`` on ``PATH``: ``get`` reads the server (``HOST``, or
+``https://index.docker.io/v1/`` for Docker Hub) on stdin and writes ``{"Username": ...,
+"Secret": ...}``; a Username of ``<token>`` makes the Secret an identity token (sent as the
+``refresh_token`` of the bearer token request). "credentials not found" (or an empty
+answer) means: none here. ``store`` (``{"ServerURL", "Username", "Secret"}`` on stdin) and
+``erase`` (the server) are what ``login`` and ``logout`` do when a helper is configured for
+the registry. A helper that is missing or fails is an error naming it and the registry.
 """
 
 from __future__ import annotations
@@ -21,13 +31,19 @@ import base64
 import json
 import os
 import re
+import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from layerfs.errors import InvalidArgument
+from layerfs.errors import InvalidArgument, RegistryError
 
 DOCKER_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io", "https://index.docker.io/v1/")
+HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+HELPER_PREFIX = "docker-credential-"
+TOKEN_USER = "<token>"  # a helper's Username for an identity token
+HELPER_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -111,11 +127,111 @@ def _entry(entry: object, where: str) -> Credentials | None:
     return None
 
 
+# -- credential helpers ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Helper:
+    """A credential helper configured for a registry: ``docker-credential-NAME``."""
+
+    name: str
+    config: str  # the file that names it
+    key: str  # "credHelpers" or "credsStore"
+
+    @property
+    def program(self) -> str:
+        return HELPER_PREFIX + self.name
+
+    def __str__(self) -> str:
+        return f"credential helper {self.program} ({self.key} in {self.config})"
+
+
+def helper_server(host: str) -> str:
+    """What a helper is asked about: docker's name for Docker Hub, else the host."""
+    return "https://index.docker.io/v1/" if host in HUB_HOSTS else host
+
+
+def _helper_in(data: dict[str, Any], host: str, path: str) -> Helper | None:
+    per = data.get("credHelpers")
+    if isinstance(per, dict):
+        hosts = HUB_HOSTS if host in HUB_HOSTS else (host,)
+        for key, name in per.items():
+            if _key_host(key) in hosts and isinstance(name, str) and name:
+                return Helper(name, path, "credHelpers")
+    store = data.get("credsStore")
+    if isinstance(store, str) and store:
+        return Helper(store, path, "credsStore")
+    return None
+
+
+def helper_for(host: str, paths: list[str] | None = None) -> Helper | None:
+    """The first helper the auth files (or ``paths``) configure for ``host``."""
+    for path in paths if paths is not None else auth_files():
+        helper = _helper_in(_read(path), host, path)
+        if helper is not None:
+            return helper
+    return None
+
+
+def _not_found(message: str) -> bool:
+    text = message.lower()
+    return "credentials not found" in text or "not in the password store" in text
+
+
+def run_helper(helper: Helper, action: str, payload: str, host: str) -> str | None:
+    """Run ``helper action`` with ``payload`` on stdin; its stdout, or None when it says
+    it has no credentials for the server."""
+    what = f"{helper} for {host}"
+    program = shutil.which(helper.program)
+    if program is None:
+        raise RegistryError(f"{what}: {helper.program} is not installed (not found on PATH)")
+    try:
+        proc = subprocess.run([program, action], input=payload.encode(), capture_output=True,
+                              timeout=HELPER_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise RegistryError(f"{what}: '{action}' did not answer within {HELPER_TIMEOUT:.0f} s") from e
+    except OSError as e:
+        raise RegistryError(f"{what}: cannot run {program}: {e.strerror or e}") from e
+    out = proc.stdout.decode(errors="replace").strip()
+    if proc.returncode != 0:
+        said = out or proc.stderr.decode(errors="replace").strip()
+        if _not_found(said):
+            return None
+        first = said.splitlines()[0] if said else f"exit status {proc.returncode}"
+        raise RegistryError(f"{what}: '{action}' failed: {first}")
+    return out
+
+
+def helper_get(helper: Helper, host: str) -> Credentials | None:
+    out = run_helper(helper, "get", helper_server(host), host)
+    if not out:
+        return None
+    try:
+        body = json.loads(out)
+    except ValueError as e:
+        raise RegistryError(f"{helper} for {host}: 'get' answered something that is not JSON") from e
+    user = body.get("Username") if isinstance(body, dict) else None
+    secret = body.get("Secret") if isinstance(body, dict) else None
+    if not isinstance(user, str) or not isinstance(secret, str):
+        raise RegistryError(f"{helper} for {host}: 'get' answered without Username and Secret")
+    if not user and not secret:
+        return None  # some helpers answer "not found" with empty fields
+    if user == TOKEN_USER:
+        return Credentials(TOKEN_USER, "", secret)
+    return Credentials(user, secret)
+
+
 def lookup(host: str, repository: str = "") -> Credentials | None:
     """The stored credentials for ``host`` (and ``repository``), or None for anonymous."""
     wanted = _candidates(host, repository)
     for path in auth_files():
-        auths = _read(path).get("auths")
+        data = _read(path)
+        helper = _helper_in(data, host, path)
+        if helper is not None:
+            creds = helper_get(helper, host)
+            if creds is not None:
+                return creds
+        auths = data.get("auths")
         if not isinstance(auths, dict):
             continue
         by_key = {_key_host(k): v for k, v in auths.items()}
@@ -142,7 +258,17 @@ def _write(path: str, data: dict[str, Any]) -> None:
 
 
 def store_login(host: str, creds: Credentials, path: str | None = None) -> str:
-    """Write ``creds`` for ``host`` into the login file; returns the file's path."""
+    """Keep ``creds`` for ``host``: through the credential helper configured for it (in
+    ``path``, or any auth file when no ``path`` is given), else in the login file
+    (``path``). Returns where they went."""
+    helper = helper_for(host, [path] if path else None)
+    if helper is not None:
+        user, secret = creds.username, creds.password
+        if creds.identity_token:
+            user, secret = TOKEN_USER, creds.identity_token
+        payload = json.dumps({"ServerURL": helper_server(host), "Username": user, "Secret": secret})
+        run_helper(helper, "store", payload, host)
+        return str(helper)
     path = path or login_file()
     data = _read(path)
     auths = data.setdefault("auths", {})
@@ -154,15 +280,18 @@ def store_login(host: str, creds: Credentials, path: str | None = None) -> str:
 
 
 def remove_login(host: str, path: str | None = None) -> bool:
-    """Remove ``host``'s entry from the login file; False when there was none."""
+    """Remove ``host``'s credentials: erase them from its credential helper (see
+    ``store_login``) and its entry from the login file; False when there were none."""
+    helper = helper_for(host, [path] if path else None)
+    erased = helper is not None and run_helper(helper, "erase", helper_server(host), host) is not None
     path = path or login_file()
     data = _read(path)
     auths = data.get("auths")
     if not isinstance(auths, dict):
-        return False
+        return erased
     keys = [k for k in auths if _key_host(k) == host]
     if not keys:
-        return False
+        return erased
     for k in keys:
         del auths[k]
     _write(path, data)

@@ -50,6 +50,7 @@ class Options:
     concurrency: int = 3  # blobs moved at once
     timeout: float = 60.0
     chunk_size: int | None = None  # push: PATCH chunks of this size instead of one PUT
+    push_foreign: bool = False  # push: upload foreign (non-distributable) layers too
 
 
 def is_loopback(host: str) -> bool:
@@ -129,6 +130,8 @@ class Registry:
     _client: httpx.AsyncClient | None = None
     _authorization: str | None = None
     _challenge: Challenge | None = None
+    _stored: Credentials | None = None
+    _looked_up: bool = False
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -149,8 +152,11 @@ class Registry:
     def credentials(self) -> Credentials | None:
         if self.opts.credentials is not None:
             return self.opts.credentials
-        repo = self.scopes[0].split(":")[1] if self.scopes else ""
-        return lookup(self.host, repo)
+        if not self._looked_up:  # once: a credential helper is a program to run
+            repo = self.scopes[0].split(":")[1] if self.scopes else ""
+            self._stored = lookup(self.host, repo)
+            self._looked_up = True
+        return self._stored
 
     # -- reaching it ---------------------------------------------------------------------
     async def _pick_scheme(self) -> str:

@@ -6,7 +6,7 @@ import trio
 
 from layerfs.errors import InvalidArgument
 from layerfs.image.ref import DOCKER_HUB
-from layerfs.registry.auth import Credentials, login_file, remove_login, store_login
+from layerfs.registry.auth import Credentials, helper_for, login_file, remove_login, store_login
 from layerfs.registry.client import Options, Registry
 
 
@@ -38,6 +38,8 @@ def login(host: str, creds: Credentials, opts: Options | None = None, authfile: 
 
 
 def logout(host: str, authfile: str | None = None) -> tuple[bool, str]:
-    """Forget ``host``'s credentials; (whether there were any, the auth file)."""
-    path = authfile or login_file()
-    return remove_login(host, path), path
+    """Forget ``host``'s credentials; (whether there were any, where they were kept: the
+    credential helper configured for ``host``, else the auth file)."""
+    helper = helper_for(host, [authfile] if authfile else None)
+    removed = remove_login(host, authfile)
+    return removed, str(helper) if helper is not None else authfile or login_file()

@@ -28,9 +28,10 @@ import fcntl
 import hashlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO, cast
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -40,6 +41,7 @@ from layerfs.errors import DigestMismatch, InvalidImage, LayerfsError, NotFound,
 from layerfs.image.oci import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
+    FOREIGN_LAYER_TYPES,
     INDEX_TYPES,
     LAYER_TYPES,
     MANIFEST_TYPES,
@@ -213,6 +215,8 @@ class _Download:
     size: int
     path: str  # tmp/ingest-<hex>.partial
     final: str  # blobs/sha256/<hex>
+    media_type: str = ""
+    urls: list[str] = field(default_factory=list)  # where else the blob is (foreign layers)
     cond: threading.Condition = field(default_factory=threading.Condition)
     written: int = 0
     done: bool = False
@@ -349,6 +353,35 @@ def _resume_state(dl: _Download) -> tuple[Any, int]:
     return h, have
 
 
+class _SourceFailed(RegistryError):
+    """One of a foreign layer's urls did not give the blob; the next one is tried."""
+
+
+@contextlib.asynccontextmanager
+async def _blob_stream(reg: Registry, repo: str, dl: _Download, url: str | None,
+                       headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
+    """The blob's bytes from the registry (``url`` None) or from one of its descriptor's
+    ``urls``: plain GETs, without the registry's credentials; http and https only."""
+    what = f"blob {dl.digest}"
+    if url is None:
+        async with reg.stream("GET", f"/v2/{repo}/blobs/{dl.digest}", what, headers=headers,
+                              ok=frozenset({200, 206}), follow=True) as resp:
+            yield resp
+        return
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise _SourceFailed(f"{url}: only http and https URLs are fetched")
+    async with reg.client.stream("GET", url, headers=headers, follow_redirects=True) as resp:
+        if resp.status_code not in (200, 206):
+            raise _SourceFailed(f"{url} answered {resp.status_code} {resp.reason_phrase}")
+        yield resp
+
+
+def _foreign_missing(dl: _Download, reg: Registry, repo: str, tried: list[str]) -> NotFound:
+    kind = "a foreign (non-distributable) layer" if dl.media_type in FOREIGN_LAYER_TYPES else "a layer"
+    where = f"; its urls failed: {'; '.join(tried)}" if tried else ", and its descriptor lists no urls"
+    return NotFound(f"layer {dl.digest} ({kind}) is not on {reg.host}/{repo}{where}")
+
+
 async def _download(reg: Registry, repo: str, dl: _Download, progress: Progress) -> None:
     what = f"blob {dl.digest}"
     opened = await trio.to_thread.run_sync(_open_locked, dl, abandon_on_cancel=True)
@@ -368,12 +401,16 @@ async def _download(reg: Registry, repo: str, dl: _Download, progress: Progress)
     bar = progress.bar(f"Copying blob {dl.digest.short()}", dl.size)
     bar.update(have)
     attempts = 0
+    sources: list[str | None] = [None, *dl.urls]  # the registry, then the descriptor's urls
+    source = 0
+    tried: list[str] = []
+    url: str | None = None
     with out:
         while have < dl.size:
             headers = {"Range": f"bytes={have}-"} if have else {}
+            url = sources[source]
             try:
-                async with reg.stream("GET", f"/v2/{repo}/blobs/{dl.digest}", what, headers=headers,
-                                      ok=frozenset({200, 206}), follow=True) as resp:
+                async with _blob_stream(reg, repo, dl, url, headers) as resp:
                     skip = 0
                     if have and resp.status_code == 200:
                         skip = have  # the registry ignored Range: drop what we already have
@@ -395,10 +432,19 @@ async def _download(reg: Registry, repo: str, dl: _Download, progress: Progress)
                         bar.update(len(chunk))
                 if have < dl.size:
                     raise httpx.RemoteProtocolError(f"the body ended after {have} of {dl.size} bytes")
+            except (NotFound, _SourceFailed) as e:
+                if url is None and not dl.urls and dl.media_type not in FOREIGN_LAYER_TYPES:
+                    raise
+                if url is not None:
+                    tried.append(str(e))
+                source += 1
+                if source >= len(sources):
+                    raise _foreign_missing(dl, reg, repo, tried) from None
+                progress.line(f"Blob {dl.digest.short()} is not on {reg.host}: fetching {sources[source]}")
             except httpx.TransportError as e:
                 attempts += 1
                 if attempts > reg.opts.retries:
-                    raise RegistryError(f"{what}: connection to {reg.host} lost at byte {have} of {dl.size} "
+                    raise RegistryError(f"{what}: connection to {url or reg.host} lost at byte {have} of {dl.size} "
                                         f"after {attempts} attempts ({e}); run the pull again to resume") from e
                 await trio.sleep(min(reg.opts.backoff * (2 ** (attempts - 1)), 10.0))
         os.fsync(out.fileno())
@@ -406,7 +452,7 @@ async def _download(reg: Registry, repo: str, dl: _Download, progress: Progress)
     got = Digest.from_hex(h.hexdigest())
     if got != dl.digest:
         os.unlink(dl.path)
-        raise DigestMismatch(f"{what} from {reg.host}/{repo}: digest mismatch: the content hashes to {got}; "
+        raise DigestMismatch(f"{what} from {url or f'{reg.host}/{repo}'}: digest mismatch: the content hashes to {got}; "
                              "the download was discarded")
 
 
@@ -493,6 +539,7 @@ def pull(
     progress: Progress | None = None,
 ) -> PullResult:
     """Pull ``ref`` into ``store`` under ``name`` (default: ``ref`` as written, normalised)."""
+    store.check_room(f"pull {ref}")
     opts = opts or Options()
     progress = progress or Progress(enabled=False)
     parsed = parse_ref(ref)
@@ -529,7 +576,8 @@ def pull(
                 continue
             if desc.digest not in downloads:
                 downloads[desc.digest] = _Download(desc.digest, desc.size, partial_path(store.content, desc.digest),
-                                                     store.content.path(desc.digest))
+                                                     store.content.path(desc.digest), desc.media_type,
+                                                     list(desc.urls))
 
         def opener(d: Digest) -> Callable[[], BinaryIO]:
             return lambda: cast(BinaryIO, _Arriving(store.content, downloads[d]))

@@ -9,6 +9,11 @@ image came from another repository of the same registry; else an upload, one str
 ``PUT`` or, with ``chunk_size``, ``PATCH`` chunks and a closing ``PUT``. Every blob is
 checked against its digest while it is read. The manifest goes last, and its digest is
 the result.
+
+Foreign (non-distributable) layers whose descriptor lists ``urls`` are not uploaded, as
+docker and containerd do: the manifest keeps the descriptor, and pulls fetch the blob from
+its urls. ``Options.push_foreign`` (``--allow-non-distributable-blobs``) uploads them too;
+the manifest, and so its digest, stays the same.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from layerfs.image.export import ExportImage, Opener
 from layerfs.image.oci import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
+    FOREIGN_LAYER_TYPES,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -49,7 +55,8 @@ class PushResult:
     destination: str  # canonical
     manifest_digest: str
     manifest_size: int
-    blobs: dict[str, str] = field(default_factory=dict)  # digest -> "uploaded" | "exists" | "mounted"
+    # digest -> "uploaded" | "exists" | "mounted" | "foreign" (a non-distributable layer, not pushed)
+    blobs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,6 +66,7 @@ class _Blob:
     media_type: str
     open: Opener | None = None
     data: bytes | None = None
+    urls: tuple[str, ...] = ()  # a foreign layer's urls: where pulls get it instead
 
 
 def _body(blob: _Blob, start: int = 0, length: int | None = None,
@@ -168,7 +176,13 @@ def _plan(name: str, rec: ExportImage, mount_from: str | None) -> _Manifest:
     manifest = parse_json(rec.manifest_bytes, f"image {name}: manifest")
     media_type = manifest.get("mediaType") or OCI_MANIFEST
     config_type = (manifest.get("config") or {}).get("mediaType") or OCI_CONFIG
-    blobs = [_Blob(layer.digest, layer.size, layer.media_type, open=layer.open) for layer in rec.layers]
+    urls: dict[str, tuple[str, ...]] = {}
+    for desc in manifest.get("layers") or []:
+        if isinstance(desc, dict) and isinstance(desc.get("urls"), list):
+            urls[str(desc.get("digest"))] = tuple(str(u) for u in desc["urls"])
+    blobs = [_Blob(layer.digest, layer.size, layer.media_type, open=layer.open,
+                   urls=urls.get(str(layer.digest), ()) if layer.media_type in FOREIGN_LAYER_TYPES else ())
+             for layer in rec.layers]
     blobs.append(_Blob(Digest.of(rec.config_bytes), len(rec.config_bytes), config_type, data=rec.config_bytes))
     config = parse_json(rec.config_bytes, f"image {name}: config")
     plat = config_platform(config)
@@ -245,6 +259,11 @@ def push(
                 limiter = trio.CapacityLimiter(max(1, opts.concurrency))
 
                 async def one(blob: _Blob, mount_from: str | None) -> None:
+                    if blob.urls and not opts.push_foreign:
+                        progress.line(f"Blob {blob.digest.short()} is a foreign layer: not pushed "
+                                      f"(pulls fetch it from {blob.urls[0]})")
+                        result.blobs[blob.digest] = "foreign"
+                        return
                     async with limiter:
                         result.blobs[blob.digest] = await _push_blob_retrying(reg, dest.path, blob, mount_from,
                                                                                progress)

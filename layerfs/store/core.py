@@ -193,6 +193,7 @@ class Store:
         """Make the reserve file ``reserve_bytes()`` long (allocated, not sparse) if it is
         missing or shorter, when the disk has room for what is missing twice over. Never
         an error: it is a precaution."""
+        self.reserve_short = 0  # bytes the reserve still lacks (``check_room``)
         size = reserve_bytes()
         if not size:
             return
@@ -204,6 +205,7 @@ class Store:
             return
         if have >= size:
             return
+        self.reserve_short = size - have
         try:
             if self.free_bytes() < 2 * (size - have):
                 return
@@ -212,8 +214,22 @@ class Store:
                 os.posix_fallocate(fd, 0, size)
             finally:
                 os.close(fd)
+            self.reserve_short = 0
         except OSError:
             pass
+
+    def check_room(self, what: str) -> None:
+        """Before a command that adds data (import, pull, commit, create): refused, in one
+        line, while the reserve is not whole and the disk has no room to make it whole (a
+        freeing command used part of it and the disk is still full). The command would
+        most likely fail midway, and it would use up the room that rm, rmi and gc need."""
+        if not self.reserve_short:
+            return
+        raise StoreError(
+            f"{what}: the filesystem of {self.root} is still full ({human_size(self._free_or_zero())} free; "
+            f"layerfs needs {human_size(2 * self.reserve_short)} free to restore its "
+            f"{human_size(reserve_bytes())} reserve for rm, rmi and gc): free space first (layerfs rm, "
+            f"layerfs rmi, layerfs gc, or other files there), or set LAYERFS_RESERVE_BYTES=0")
 
     def release_reserve(self, amount: int = RESERVE_SLICE) -> int:
         """Give ``amount`` bytes of the reserve file back to the disk (it is cut shorter, so
@@ -430,6 +446,7 @@ class Store:
             rec = ContainerRecord(name, image.name, image.manifest_digest, image.config_digest, sid, now_ns())
             self.containers.insert(db, rec)
 
+        self.check_room(f"create {name}")
         with self.shared_lock():  # fsck --repair must not take the staging or the new dir
             self._create_active(key, image.top_chain_id, "active", record, None)
 
@@ -487,23 +504,26 @@ class Store:
         self._remove_snapshot(key, lambda db, sid: self.containers.delete(db, name))
 
     def _remove_snapshot(self, key: str, in_txn: Callable[[sqlite3.Connection, int], None] | None) -> None:
-        """``remove_snapshot``; ``in_txn(db, id)`` runs inside the same transaction, before the row goes."""
-        with self.meta.transaction() as db:
-            row = db.execute("SELECT id FROM snapshots WHERE key=?", (key,)).fetchone()
-            if row is None:
-                raise NotFound(f"snapshot {key} not found")
-            if db.execute("SELECT 1 FROM snapshots WHERE parent_id=?", (row["id"],)).fetchone():
-                raise FailedPrecondition(f"cannot remove snapshot {key}: it has children")
-            target = self.mounts.target_of(key)
-            if target is not None:
-                raise InUse(f"cannot remove snapshot {key}: it is mounted at {target}")
-            if in_txn is not None:
-                in_txn(db, row["id"])
-            db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (row["id"],))
-            db.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
-            failpoint.hit("remove.before-commit")
-        failpoint.hit("remove.after-commit")
-        shutil.rmtree(self.snapshot_dir(row["id"]), ignore_errors=True)
+        """``remove_snapshot``; ``in_txn(db, id)`` runs inside the same transaction, before the row goes.
+        Under the shared store lock until the files are gone: fsck lists the snapshot
+        directories only while nobody holds it, and must not take one being deleted for an orphan."""
+        with self.shared_lock():
+            with self.meta.transaction() as db:
+                row = db.execute("SELECT id FROM snapshots WHERE key=?", (key,)).fetchone()
+                if row is None:
+                    raise NotFound(f"snapshot {key} not found")
+                if db.execute("SELECT 1 FROM snapshots WHERE parent_id=?", (row["id"],)).fetchone():
+                    raise FailedPrecondition(f"cannot remove snapshot {key}: it has children")
+                target = self.mounts.target_of(key)
+                if target is not None:
+                    raise InUse(f"cannot remove snapshot {key}: it is mounted at {target}")
+                if in_txn is not None:
+                    in_txn(db, row["id"])
+                db.execute("DELETE FROM snapshot_labels WHERE snapshot_id=?", (row["id"],))
+                db.execute("DELETE FROM snapshots WHERE id=?", (row["id"],))
+                failpoint.hit("remove.before-commit")
+            failpoint.hit("remove.after-commit")
+            shutil.rmtree(self.snapshot_dir(row["id"]), ignore_errors=True)
 
     def work_dir(self, sid: int) -> str:
         return os.path.join(self.snapshot_dir(sid), "work")

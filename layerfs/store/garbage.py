@@ -20,11 +20,12 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from layerfs import failpoint
 from layerfs.digest import Digest
 from layerfs.errors import InUse, NotFound
-from layerfs.store.core import IMAGE_LAYER_LABEL, Store
+from layerfs.store.core import IMAGE_LAYER_LABEL, Store, disk_usage
 
 
 def remove_images(store: Store, names: Sequence[str], force: bool = False) -> tuple[list[Digest], list[Digest]]:
@@ -54,6 +55,50 @@ def collect(store: Store) -> tuple[list[Digest], list[Digest]]:
     store.mounts.prune()
     with store.exclusive_lock():
         return _collect(store)
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    """What ``gc`` would remove now (``layerfs gc --dry-run``): per layer its ChainID, its
+    directory and the bytes it takes; per blob its digest and bytes (allocated blocks on
+    disk, hardlinks counted once, as ``disk_usage``)."""
+
+    layers: list[tuple[Digest, str, int]]
+    blobs: list[tuple[Digest, int]]
+
+    @property
+    def bytes(self) -> int:
+        return sum(n for _d, _p, n in self.layers) + sum(n for _d, n in self.blobs)
+
+
+def plan(store: Store) -> GcPlan:
+    """What ``collect`` would remove, read in one state of the store and changing nothing
+    (no lock taken, no stale mount record dropped: a stale record still pins its layers here)."""
+
+    def read() -> GcPlan:
+        db = store.meta.db
+        needed = _needed_snapshot_ids(db)
+        layers = []
+        for r in db.execute("SELECT id, key FROM snapshots ORDER BY id DESC").fetchall():
+            if r["id"] in needed:
+                continue
+            d = store.snapshot_dir(r["id"])
+            size = disk_usage(d)[0] + os.lstat(d).st_blocks * 512 if os.path.isdir(d) else 0  # d itself too
+            layers.append((Digest(r["key"]), d, size))
+        keep = _container_blobs(store)
+        blobs = []
+        for r in db.execute("SELECT digest FROM blobs WHERE digest NOT IN (SELECT digest FROM image_blobs) "
+                            "ORDER BY digest").fetchall():
+            if r["digest"] in keep:
+                continue
+            try:
+                size = os.lstat(store.content.path(Digest(r["digest"]))).st_blocks * 512
+            except FileNotFoundError:
+                size = 0
+            blobs.append((Digest(r["digest"]), size))
+        return GcPlan(layers, blobs)
+
+    return store.reading(read)
 
 
 def _needed_snapshot_ids(db: sqlite3.Connection) -> set[int]:

@@ -57,6 +57,9 @@ DIR_CACHE_ENV = "LAYERFS_DIR_CACHE"
 
 
 FD_CACHE = 1024  # directory fds a union keeps open by default
+# a name looked up in a merged directory past this many layers (or in none of more) makes
+# the directory's name -> layer map at once, so lookups in deep stacks stay flat
+SCAN_LAYERS = 8
 FD_CACHE_ENV = "LAYERFS_FD_CACHE"
 
 
@@ -425,10 +428,16 @@ class LowerIndex:
         """The index in ``m.chain`` of the topmost directory that has or hides ``name``."""
         if m.first is not None:
             return m.first.get(name)
+        found: int | None = None
         for k, d in enumerate(m.chain):  # no map yet: a scan lists no more layers than needed
             if name in self.entries(d) or name in d._whiteouts:
-                return k
-        return None
+                found = k
+                break
+        if len(m.chain) > SCAN_LAYERS and (found is None or found >= SCAN_LAYERS):
+            # a deep scan: the next name would walk as far again (each lookup O(layers));
+            # one map of the whole chain answers every later name at once
+            self._first_map(m)
+        return found
 
     def _first_map(self, m: MergedDir) -> dict[bytes, int]:
         if m.first is None:

@@ -2,27 +2,39 @@
 available backend, reports ratios and targets, and leaves nothing mounted or running.
 
 No timing assertions: the numbers of a quick run on a shared machine mean nothing; what is
-checked is that they exist, and how ratios and targets are computed from them.
+checked is that they exist, and how ratios, targets, resources, comparisons and plots are
+computed from them. Nothing here uses a global resource: every path is under tmp_path and
+every process a test starts is stopped by PID.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from bench.measure import Meter, Metric
-from bench.runner import WorkloadResult
+from bench import backends as backends_mod
+from bench import compare as compare_mod
+from bench.cli import bench_cmd
+from bench.measure import Meter, Metric, peak_rss
+from bench.report import workload_json
+from bench.runner import Runner, WorkloadResult
 from bench.targets import FUSE, MET, NOT_MET, SKIPPED, evaluate
+from bench.workloads import Writes
 from tests.support.markers import needs_root
 from tests.support.paths import REPO
 
 ROOT = REPO
-WORKLOADS = ("read", "metadata", "copyup", "depth", "writes", "store")
+WORKLOADS = ("read", "metadata", "copyup", "depth", "writes", "store", "pull")
 
 
 def _leftover_mounts(path: Path) -> list[str]:
@@ -67,7 +79,7 @@ def test_quick_run_measures_everything_and_cleans_up(tmp_path: Path) -> None:
     assert list(workdir.iterdir()) == []
 
     doc = json.loads((out / "results.json").read_text())
-    assert doc["quick"] is True and doc["rounds"] == 3 and doc["interrupted"] is False
+    assert doc["quick"] is True and doc["rounds"] == 2 and doc["interrupted"] is False
     machine = doc["machine"]
     for key in ("kernel", "cpu_model", "cores", "memory_bytes", "workdir_filesystem", "debian_packages",
                 "python_packages"):
@@ -92,7 +104,7 @@ def test_quick_run_measures_everything_and_cleans_up(tmp_path: Path) -> None:
             samples = [s for s in w["samples"] if s["subject"] == subject]
             assert samples, f"{name}: no samples from {subject}: {w['status']}"
             assert all(s["values"] for s in samples)
-            assert len({s["round"] for s in samples if s["case"] == samples[0]["case"]}) == 3
+            assert len({s["round"] for s in samples if s["case"] == samples[0]["case"]}) == 2
         for row in w["summary"]:
             assert row["min_s"] <= row["median_s"] <= row["max_s"]
             reference_measured = any(r["metric"] == row["metric"] and r["subject"] == w["reference"]
@@ -114,7 +126,29 @@ def test_quick_run_measures_everything_and_cleans_up(tmp_path: Path) -> None:
     if FUSE not in available:  # the default transport's backend: the targets are its
         assert all(t["status"] == SKIPPED for t in targets if "fuse-overlayfs" in t["name"])
     if any(p.endswith(".png") for p in doc["plots"]):
-        assert (out / "copyup.png").exists() and (out / "depth.png").exists()
+        for name in ("copyup", "depth", "headline", "ratios", "resources"):
+            assert (out / f"{name}.png").read_bytes().startswith(PNG), name
+
+    # issue 14: the FUSE daemons' peak RSS and what every sample left in its upper
+    for backend in fuse_daemons:
+        samples = [s for s in doc["workloads"]["metadata"]["samples"] if s["subject"] == backend]
+        assert all(s["rss_bytes"] > 1 << 20 for s in samples), backend
+    for name in ("copyup", "writes"):
+        w = doc["workloads"][name]
+        for subject in available:
+            rows = [r for r in w["resources"] if r["subject"] == subject]
+            # a copy-up leaves the file (and its dir) in the upper; native gains no inode, only blocks
+            assert rows and all(r["upper_allocated_bytes"] > 0 and (r["upper_inodes"] > 0 or subject == "native")
+                                for r in rows), (name, subject, rows)
+            if subject in fuse_daemons:
+                assert all(r["rss_peak_bytes"] > 1 << 20 for r in rows)
+        assert "daemon peak RSS" in proc.stdout and "upper growth" in proc.stdout
+
+    # a run compared with itself: every row in common, none beyond noise
+    same = subprocess.run([sys.executable, "-m", "bench", "compare", "--fail-on-regression", str(out / "results.json"),
+                           str(out / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert same.returncode == 0, same.stderr
+    assert " 0 of " in same.stdout and "SLOWER" not in same.stdout
 
 
 def _result(values: dict[str, dict[str, list[float]]], kind: str = "mount") -> WorkloadResult:
@@ -175,3 +209,166 @@ def test_depth_targets() -> None:
     assert flat.status == NOT_MET and flat.value == pytest.approx(2.5)
     mount = by_name["mount of 500 layers <= 1.0x fuse-overlayfs"]
     assert mount.status == MET and mount.value == pytest.approx(0.5)
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _synthetic(scale: dict[str, float], spread: float = 0.01) -> dict[str, object]:
+    """A results.json document: metrics of 3 samples per backend, times ``scale[metric]``."""
+    w = WorkloadResult("metadata", "metadata", "mount", ["native", FUSE, "fuse-overlayfs"], "native",
+                       {FUSE: "fuse-overlayfs"})
+    base = {"native": 0.1, FUSE: 0.3, "fuse-overlayfs": 0.2}
+    for r in range(3):
+        for subject, t in base.items():
+            meter = Meter()
+            for metric in ("find cold", "find warm"):
+                meter.record(Metric(metric), t * scale.get(metric, 1.0) * (1 + spread * (r - 1)))
+            meter.rss_bytes = (40 << 20) if subject != "native" else None
+            meter.upper = {"allocated_bytes": 4096, "inodes": 1}
+            w.add("find", subject, r, meter)
+    return {"workloads": {"metadata": workload_json(w)}}
+
+
+def test_compare_flags_a_change_beyond_the_runs_spread(tmp_path: Path) -> None:
+    old, new = _synthetic({}), _synthetic({"find warm": 2.0})
+    rows = compare_mod.compare(old, new)
+    by = {(r["kind"], r["name"], r["subject"]): r for r in rows}
+    slowed = by[("time", "find warm", FUSE)]
+    assert slowed["flag"] == "slower" and slowed["ratio"] == pytest.approx(2.0)
+    assert by[("time", "find cold", FUSE)]["flag"] == "" and by[("time", "find cold", FUSE)]["ratio"] == pytest.approx(1)
+    assert by[("rss", "find", FUSE)]["flag"] == ""
+
+    # a 20% change inside a spread of +-30% is noise; the same change with a tight spread is not
+    noisy = compare_mod.compare(_synthetic({}, spread=0.3), _synthetic({"find cold": 1.2}, spread=0.3))
+    assert not [r for r in noisy if r["flag"]]
+    tight = compare_mod.compare(_synthetic({}), _synthetic({"find cold": 0.8}))
+    assert {r["flag"] for r in tight if r["name"] == "find cold"} == {"faster"}
+
+    old_path, new_path = tmp_path / "old.json", tmp_path / "new.json"
+    old_path.write_text(json.dumps(old))
+    new_path.write_text(json.dumps(new))
+    runner = CliRunner()
+    r = runner.invoke(bench_cmd, ["compare", str(old_path), str(new_path)], prog_name="bench")
+    assert r.exit_code == 0, r.output
+    flagged = [line for line in r.output.splitlines() if "SLOWER" in line]
+    assert len(flagged) == 3 and all("find warm" in line and "2.00×" in line for line in flagged), r.output
+    r = runner.invoke(bench_cmd, ["compare", "--fail-on-regression", str(old_path), str(new_path)])
+    assert r.exit_code == 1
+    r = runner.invoke(bench_cmd, ["compare", "--fail-on-regression", str(old_path), str(old_path)])
+    assert r.exit_code == 0 and "0 of" in r.output
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    r = runner.invoke(bench_cmd, ["compare", str(broken), str(new_path)])
+    assert r.exit_code == 2 and "not JSON" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def _depth_and_copyup() -> dict[str, WorkloadResult]:
+    out = {}
+    for name, group, xs in (("copyup", "append", (4096, 1 << 20, 1 << 30)), ("depth", "first stat", (1, 64, 1000))):
+        w = WorkloadResult(name, name, "mount", ["native", FUSE, "fuse-overlayfs"], "native",
+                           {FUSE: "fuse-overlayfs"})
+        for r in range(3):
+            for k, subject in enumerate(w.subjects):
+                meter = Meter()
+                for x in xs:
+                    meter.record(Metric(f"{group} {x}", group, x), 1e-4 * x ** 0.5 * (k + 1) * (1 + 0.1 * r))
+                meter.rss_bytes = None if subject == "native" else (30 + 10 * k) << 20
+                meter.upper = {"allocated_bytes": (k + 1) << 20, "inodes": 3}
+                w.add(name, subject, r, meter)
+        out[name] = w
+    return out
+
+
+def test_plots_are_valid_png_and_svg(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the plots extra is not installed (scripts/bootstrap installs it)")
+    from bench.plots import make_plots
+
+    logged: list[str] = []
+    written = make_plots(_depth_and_copyup(), str(tmp_path), logged.append, ("png", "svg"))
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == sorted(f"{n}.{ext}" for n in ("headline", "ratios", "resources", "copyup", "depth")
+                           for ext in ("png", "svg")), (names, logged)
+    for path in written:
+        data = Path(path).read_bytes()
+        if path.endswith(".png"):
+            assert data.startswith(PNG) and len(data) > 5000, path
+        else:
+            root = ET.fromstring(data)
+            assert root.tag == "{http://www.w3.org/2000/svg}svg", path
+    # the headline chart says what it is and where the legend is: the backends, outside the axes
+    headline = (tmp_path / "headline.svg").read_text()
+    assert "fuse-overlayfs" in headline and FUSE in headline and "native" in headline
+
+    # without fuse-overlayfs there is no headline, and it says so
+    results = _depth_and_copyup()
+    for w in results.values():
+        w.samples = [s for s in w.samples if s["subject"] != "fuse-overlayfs"]
+    logged.clear()
+    other = tmp_path / "other"
+    other.mkdir()
+    written = make_plots(results, str(other), logged.append)
+    assert not (other / "headline.png").exists() and any("headline plot skipped" in m for m in logged)
+    assert (other / "copyup.png").read_bytes().startswith(PNG)
+
+
+@pytest.fixture
+def eater(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A shell whose child holds 64 MiB resident until killed (stopped by PID at the end)."""
+    ready = tmp_path / "ready"
+    code = f"b = bytearray(64 << 20); open({str(ready)!r}, 'w').close(); import time; time.sleep(120)"
+    proc = subprocess.Popen(["sh", "-c", '"$0" -c "$1" & wait', sys.executable, code])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists()
+        yield proc
+    finally:
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in children:
+            os.kill(int(pid), 9)
+        proc.kill()
+        proc.wait()
+
+
+def test_peak_rss_counts_the_children_of_a_daemon(eater: subprocess.Popen[bytes]) -> None:
+    rss = peak_rss([eater.pid])
+    assert rss is not None and rss >= 64 << 20
+    assert peak_rss([]) is None
+
+
+def _writes_run(tmp_path: Path, names: tuple[str, ...]) -> WorkloadResult:
+    runner = Runner(str(tmp_path / "work"), 2, lambda m: None, sample_timeout=120, settle_timeout=0.5,
+                    prepare_settle_timeout=0.5)
+    backends = backends_mod.by_name(names)
+    unavailable = runner.check_backends(backends)
+    assert not unavailable, unavailable
+    return runner.run(Writes(True), backends, unavailable)
+
+
+def test_upper_growth_is_recorded_per_sample(tmp_path: Path) -> None:
+    w = _writes_run(tmp_path, ("native",))
+    assert w.error is None
+    native = [s for s in w.samples if s["subject"] == "native"]
+    assert len(native) == 2
+    # 200 new files of 100 bytes and 50 more in lower dirs: at least a block each, on any filesystem
+    assert all(s["upper"]["inodes"] == 201 + 50 and s["upper"]["allocated_bytes"] >= 250 * 512 for s in native)
+    assert "rss_bytes" not in native[0]  # no daemon
+    assert json.dumps(workload_json(w))  # the JSON holds it
+    rows = workload_json(w)["resources"]
+    assert rows[0]["subject"] == "native" and rows[0]["upper_inodes"] == 251
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("fuse-overlayfs") is None, reason="fuse-overlayfs is not installed")
+def test_upper_growth_and_daemon_rss_of_a_fuse_backend(tmp_path: Path) -> None:
+    w = _writes_run(tmp_path, ("native", "fuse-overlayfs"))
+    rows = {r["subject"]: r for r in workload_json(w)["resources"]}
+    fuse = rows["fuse-overlayfs"]
+    # the upper holds the 200 files, the new dir and the 50 copied-up lower dirs with a file each
+    assert fuse["upper_inodes"] >= 251 + 50 and fuse["upper_allocated_bytes"] >= rows["native"]["upper_allocated_bytes"]
+    assert fuse["rss_peak_bytes"] > 1 << 20 and rows["native"]["rss_peak_bytes"] is None
+    assert fuse["upper_vs_native"] is not None and fuse["upper_vs_native"] >= 1.0

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from layerfs.cli import cli
 from layerfs.store import Store
 from layerfs.store.fsck import fsck
 from tests.integration.test_store_crash import copy_store, image_tree, run_layerfs
+from tests.support.registry import REGISTRY_BIN, RegistryServer
 from tests.support.tarbuild import write_layer
 
 pytestmark = pytest.mark.slow
@@ -57,6 +59,7 @@ class World:
     root: str  # base:1 and app:1, container c1 with changes, garbage for gc and fsck --repair
     files: dict[str, str]  # layer tars and the OCI archive
     trees: dict[str, dict[str, tuple]]  # image name -> tree fingerprint
+    pull_ref: str | None = None  # oci:1 in a loopback docker-registry (None: not installed)
 
 
 def _make_garbage(root: str) -> None:
@@ -75,7 +78,21 @@ def _make_garbage(root: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer | None]:
+    """A loopback docker-registry for the pull operation (stopped by pid at the end), or
+    None when docker-registry is not installed (pull is then left out of the soak)."""
+    if REGISTRY_BIN is None:
+        yield None
+        return
+    server = RegistryServer(tmp_path_factory.mktemp("soak-registry"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, registry: RegistryServer | None) -> World:
     d = tmp_path_factory.mktemp("soak")
     files = {
         "base": write_layer(str(d / "base.tar"), {"etc": None, "etc/os-release": b"base\n", "bin": None,
@@ -97,6 +114,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         r = run_layerfs(ref, *args)
         assert r.returncode == 0, r.stderr
     files["oci"] = str(d / "oci.tar")
+    pull_ref = None
+    if registry is not None:
+        pull_ref = f"{registry.host}/soak/oci:1"
+        r = run_layerfs(ref, "push", "oci:1", pull_ref)
+        assert r.returncode == 0, r.stderr
     root = str(d / "pristine")
     for args in (("import-layer", files["base"], "--name", "base:1"),
                  ("import-layer", files["base"], files["l1"], files["l2"], "--name", "app:1"),
@@ -113,6 +135,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         with open(os.path.join(upper, "app", "new", f"f{i}"), "wb") as f:
             f.write(os.urandom(3000))
     trees = {"base:1": image_tree(root, "base:1"), "app:1": image_tree(root, "app:1"), "oci:1": image_tree(ref, "oci:1")}
+    trees["pulled:1"] = trees["oci:1"]  # the same layers, pulled
     # what the operations must produce, from a clean run of each in a copy
     probe = str(d / "probe")
     copy_store(root, probe)
@@ -122,7 +145,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     trees["new:1"] = image_tree(probe, "new:1")
     trees["committed:1"] = image_tree(probe, "committed:1")
     _make_garbage(root)
-    return World(root, files, trees)
+    return World(root, files, trees, pull_ref)
 
 
 def _ops(w: World, out: str) -> dict[str, list[str]]:
@@ -136,13 +159,14 @@ def _ops(w: World, out: str) -> dict[str, list[str]]:
         "rmi": ["rmi", "base:1"],
         "gc": ["gc"],
         "fsck-repair": ["fsck", "--repair"],
+        **({"pull": ["pull", w.pull_ref, "--name", "pulled:1"]} if w.pull_ref else {}),
     }
 
 
 PAIRS = [("import-layer", "gc"), ("commit", "rmi"), ("import", "fsck-repair"), ("export", "gc"),
-         ("import-layer", "import"), ("commit", "export-rebuild")]
+         ("import-layer", "import"), ("commit", "export-rebuild"), ("pull", "gc"), ("pull", "import")]
 # what each operation makes (its image) or removes
-MAKES = {"import": "oci:1", "import-layer": "new:1", "commit": "committed:1"}
+MAKES = {"import": "oci:1", "import-layer": "new:1", "commit": "committed:1", "pull": "pulled:1"}
 REMOVES = {"rmi": "base:1"}
 
 
@@ -190,7 +214,8 @@ def test_kill_9_at_random_points_of_every_operation(world: World, tmp_path: Path
     rng = random.Random(int(os.environ.get("LAYERFS_SOAK_SEED", "15")))
     singles = list(_ops(world, "/nonexistent"))
     points = {op: _points(world, tmp_path, op) for op in singles}
-    assert all(points[op] > 0 for op in ("import", "import-layer", "commit", "rmi", "gc", "fsck-repair")), points
+    assert all(points[op] > 0 for op in ("import", "import-layer", "commit", "export", "export-rebuild", "rmi", "gc",
+                                           "fsck-repair", *(["pull"] if "pull" in points else []))), points
     figures = {"cases": 0, "kills": 0, "by failpoint": 0, "by timer": 0, "pairs": 0, "finished first": 0,
                "failures": 0}
     failures: list[str] = []
@@ -205,7 +230,7 @@ def test_kill_9_at_random_points_of_every_operation(world: World, tmp_path: Path
         ops = _ops(world, str(out))
         env: dict[str, str] = {}
         if case % 4 == 3:  # a concurrent pair: one is killed at a random time, the other runs on
-            ran = list(rng.choice(PAIRS))
+            ran = list(rng.choice([p for p in PAIRS if all(op in ops for op in p)]))
             figures["pairs"] += 1
             started = [subprocess.Popen(lf_argv(work, *ops[op]), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE) for op in ran]
@@ -257,13 +282,15 @@ def test_kill_9_at_random_points_of_every_operation(world: World, tmp_path: Path
 # One of the 8 workers: random store operations until the deadline; one JSON line per command.
 _WORKER = r"""
 import json, random, subprocess, sys, time
-root, deadline, me, log, base, *tops = sys.argv[1:]
+root, deadline, me, log, reg, base, *tops = sys.argv[1:]
 rng, deadline, n = random.Random(int(me)), float(deadline), 0
 with open(log, "w") as out:
     while time.time() < deadline:
         k = rng.randrange(len(tops))
-        op = rng.choice(["import", "import", "rmi", "gc", "fsck", "images", "df", "tag", "export", "container"])
+        op = rng.choice(["import", "import", "rmi", "gc", "fsck", "images", "df", "tag", "export", "container",
+                         *(["pull", "pull"] if reg else [])])
         args = {"import": [["import-layer", base, tops[k], "--name", f"img-{k}:1"]],
+                "pull": [["pull", f"{reg}/soak8/img-{k}:1", "--name", f"img-{k}:1"]],
                 "rmi": [["rmi", f"img-{k}:1"]], "gc": [["gc"]], "fsck": [["fsck"]],
                 "images": [["images"]], "df": [["df"]], "tag": [["tag", f"img-{k}:1", f"alias-{k}:1"]],
                 "export": [["export", f"img-{k}:1", f"{log}.{n}.tar"]],
@@ -286,7 +313,7 @@ with open(log, "w") as out:
 _EXPECTED = ("not found", "used by container", "is mounted", "already exists", "has children")
 
 
-def test_eight_processes_of_random_operations(tmp_path: Path, procs: list) -> None:
+def test_eight_processes_of_random_operations(tmp_path: Path, procs: list, registry: RegistryServer | None) -> None:
     import json
 
     root = str(tmp_path / "store")
@@ -297,12 +324,15 @@ def test_eight_processes_of_random_operations(tmp_path: Path, procs: list) -> No
     ref = str(tmp_path / "ref")
     for k, top in enumerate(tops):
         assert run_layerfs(ref, "import-layer", base, top, "--name", f"img-{k}:1").returncode == 0
+        if registry is not None:  # pulled as well as imported (the same image, the same name)
+            r = run_layerfs(ref, "push", f"img-{k}:1", f"{registry.host}/soak8/img-{k}:1")
+            assert r.returncode == 0, r.stderr
     expected = {k: image_tree(ref, f"img-{k}:1") for k in range(len(tops))}
     deadline = time.time() + STRESS_SECONDS
     logs = [tmp_path / f"worker{i}.jsonl" for i in range(8)]
     for i, log in enumerate(logs):
         procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, root, str(deadline), str(i), str(log),
-                                       base, *tops], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                       registry.host if registry else "", base, *tops], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     for p in procs:
         assert p.wait(timeout=STRESS_SECONDS + 600) == 0
     commands = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
@@ -319,7 +349,9 @@ def test_eight_processes_of_random_operations(tmp_path: Path, procs: list) -> No
         k = int(name.split("-")[1].split(":")[0])
         if tree != expected[k]:  # img-k, alias-k and saved-k (a commit of an unchanged container) alike
             wrong.append(name)
-    print(f"\nsoak 8 processes, {STRESS_SECONDS:.0f}s: {len(commands)} commands, "
+    print(f"\nsoak 8 processes, {STRESS_SECONDS:.0f}s: {len(commands)} commands "
+          f"({sum(c['args'][0] == 'pull' for c in commands)} pulls, {sum(c['args'][0] == 'fsck' for c in commands)}"
+          f" fsck), "
           f"{sum(c['rc'] != 0 for c in commands)} refused as expected or not, {len(unexpected)} unexpected "
           f"failures, {len(images)} images at the end, {len(wrong)} wrong trees")
     assert len(commands) >= 16, [(c["args"][0], c["s"]) for c in commands]

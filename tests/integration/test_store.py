@@ -351,7 +351,7 @@ def test_history_and_diff_views(tmp_path: Path, demo_layout: Path) -> None:
     root = tmp_path / "store"
     layerfs(root, "import", str(demo_layout), "--name", "demo:1.0")
     hist = layerfs(root, "history", "demo:1.0").stdout.splitlines()
-    assert hist[0].split()[:3] == ["LAYER", "CREATED", "CREATED"]
+    assert hist[0].split()[:3] == ["DIFF", "ID", "CREATED"]
     # the config-only step (umoci config: Cmd) is listed too, as docker history lists it
     assert hist[1].startswith("<none>") and "umoci config" in hist[1] and hist[1].split()[-1] == "0B"
     assert "RUN rm app.conf" in hist[2] and "COPY files" in hist[4]

@@ -90,6 +90,7 @@ class RegistryServer:
     tls: CA | None = None
     htpasswd: Path | None = None
     token: TokenServer | None = None
+    extra_config: list[str] = field(default_factory=list)  # more top-level lines of config.yml
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -120,6 +121,7 @@ class RegistryServer:
         elif self.token:
             lines += ["auth:", "  token:", f"    realm: {self.token.url}", f"    service: {self.token.service}",
                       f"    issuer: {self.token.issuer}", f"    rootcertbundle: {self.token.cert}"]
+        lines += self.extra_config
         path = self.workdir / "config.yml"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -325,7 +327,8 @@ class TokenServer:
     service = "layerfs-test-registry"
     issuer = "layerfs-test-issuer"
 
-    def __init__(self, workdir: Path, users: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, users: dict[str, str], refresh_tokens: dict[str, str] | None = None) -> None:
+        """``refresh_tokens``: identity token -> user, for ``POST`` with ``grant_type=refresh_token``."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.key, self.cert = workdir / "token.key", workdir / "token.crt"
         _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key, "-out", self.cert,
@@ -333,6 +336,7 @@ class TokenServer:
         der = _run("openssl", "x509", "-in", self.cert, "-outform", "DER")
         self.x5c = base64.b64encode(der).decode()
         self.users = users
+        self.refresh_tokens = refresh_tokens or {}
         self.requests: list[dict[str, Any]] = []
         token = self
 
@@ -341,6 +345,9 @@ class TokenServer:
                 pass
 
             def do_GET(self) -> None:  # noqa: N802
+                token._serve(self)
+
+            def do_POST(self) -> None:  # noqa: N802
                 token._serve(self)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -359,7 +366,16 @@ class TokenServer:
         query = parse_qs(urlparse(h.path).query)
         user = None
         auth = h.headers.get("Authorization", "")
-        if auth.startswith("Basic "):
+        if h.command == "POST":  # the OAuth2 form: an identity token as refresh_token
+            form = parse_qs(h.rfile.read(int(h.headers.get("Content-Length") or 0)).decode())
+            user = self.refresh_tokens.get((form.get("refresh_token") or [""])[0])
+            if form.get("grant_type") != ["refresh_token"] or user is None:
+                h.send_response(401)
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
+            query = {"scope": " ".join(form.get("scope", [])).split(), "service": form.get("service", [])}
+        elif auth.startswith("Basic "):
             name, _, password = base64.b64decode(auth[6:]).decode().partition(":")
             if self.users.get(name) != password:
                 h.send_response(401)
@@ -368,7 +384,7 @@ class TokenServer:
                 return
             user = name
         scopes = query.get("scope", [])
-        self.requests.append({"user": user, "scopes": scopes, "service": query.get("service")})
+        self.requests.append({"user": user, "scopes": scopes, "service": query.get("service"), "method": h.command})
         access = []
         for scope in scopes if user else []:
             kind, _, rest = scope.partition(":")

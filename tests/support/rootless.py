@@ -17,6 +17,7 @@ the sources only reinstalls layerfs (``--no-deps``).
 - runs commands as that user (``runuser``, a clean environment: ``run``, ``layerfs``);
 - gives each test a directory in the user's home, owned by the user (``workdir``);
 - holds ``LOCK`` while it runs: one session of the user at a time;
+- makes the user and the venv under ``BUILD_LOCK``: one process at a time;
 - on exit checks that no process of the user is left and nothing is mounted under its home
   (an error listing them, after lazily unmounting what is left), and removes every file of
   the user's home.
@@ -45,6 +46,7 @@ USER = "layerfs-rootless"
 HOME = Path("/var/tmp/layerfs-rootless-home")
 SYSTEM_PYTHON = "/usr/bin/python3"
 LOCK = "/var/tmp/layerfs-rootless.lock"  # held while a session runs (it owns the user's home)
+BUILD_LOCK = "/var/tmp/layerfs-rootless-build.lock"  # held while the user or the venv is made
 SUBID_COUNT = 65536
 SOURCES = ("layerfs", "snapshotter", "bench")
 EXTRA_FILES = ("pyproject.toml", "README.md", "LICENSE")
@@ -161,10 +163,17 @@ class RootlessSession:
     """The test user, its venv and ``/dev/fuse`` made usable; see the module docstring."""
 
     def __init__(self) -> None:
-        self.pw = ensure_user()
+        # the user and the venv are made by one process at a time (pytest-xdist workers, or two
+        # pytest runs): useradd, usermod and pip racing each other would fail or half-build
+        build_lock = os.open(BUILD_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(build_lock, fcntl.LOCK_EX)
+            self.pw = ensure_user()
+            self.venv, self.build_seconds = build_venv()
+        finally:
+            os.close(build_lock)
         self.uid, self.gid = self.pw.pw_uid, self.pw.pw_gid
         self.home = HOME
-        self.venv, self.build_seconds = build_venv()
         self.bin = self.venv / "bin"
         self._fuse_mode: int | None = None
         self._workdirs = 0

@@ -392,7 +392,7 @@ def test_history_golden() -> None:
     check_golden("history_no_trunc.txt", render_history(image, no_trunc=True, now=NOW))
     check_golden("history.json", render_history(image, fmt="json"))
     lines = text.splitlines()
-    assert lines[0].split() == ["LAYER", "CREATED", "CREATED", "BY", "SIZE", "COMMENT"]
+    assert lines[0].split() == ["DIFF", "ID", "CREATED", "CREATED", "BY", "SIZE", "COMMENT"]
     assert lines[1].startswith(CHAIN_2[2].diff_id[7:19])  # top first, diff ids
     assert "RUN /bin/sh -c apt-get update \\ && apt-get i…" in lines[2]
     assert "N/A" not in text and "2 years ago" in lines[3]
@@ -425,7 +425,7 @@ def test_layer_diffs_golden() -> None:
     check_golden("layer_diffs.txt", text)
     check_golden("layer_diffs.json", render_layer_diffs(per_layer, fmt="json"))
     headers = [line for line in text.splitlines() if line.startswith("#")]
-    assert headers[1].startswith(f"# layer 2/3 {CHAIN_2[1].diff_id[7:19]}  RUN ")
+    assert headers[1].startswith(f"# layer 2/3 diffID {CHAIN_2[1].diff_id[7:19]}  RUN ")
     assert headers[1].endswith("  (+1 ~1 -1)")
     assert "A /opt/app/odd\\x0aname" in text  # a newline in a name cannot forge a line
     data = json.loads(render_layer_diffs(per_layer, fmt="json"))
