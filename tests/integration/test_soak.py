@@ -210,6 +210,8 @@ def _check(w: World, work: str, out: str, ran: list[str]) -> None:
         assert fsck(s).clean
 
 
+# 200 kills take about 5 min on an idle 2-core machine; the limit is a hang guard, not a time target
+@pytest.mark.timeout(1800)
 def test_kill_9_at_random_points_of_every_operation(world: World, tmp_path: Path, procs: list) -> None:
     rng = random.Random(int(os.environ.get("LAYERFS_SOAK_SEED", "15")))
     singles = list(_ops(world, "/nonexistent"))
