@@ -356,7 +356,8 @@ NAMES = tuple(b.name for b in ALL)
 LAYERFS_FUSE = tuple(b.name for b in ALL if issubclass(b, LayerfsFuse))
 # the lever variants of the kernel transport: full runs measure them, --quick leaves them out
 LEVERS = (LayerfsKernelNoDirCache.name, LayerfsKernelNoPassthrough.name)
-QUICK_NAMES = tuple(n for n in NAMES if n not in LEVERS)
+# --quick also leaves out unionfs-fuse: a peer no target is stated against, and one more daemon per sample
+QUICK_NAMES = tuple(n for n in NAMES if n not in LEVERS and n != UnionfsFuse.name)
 # comparisons printed beside the ratio to native: (backend, its reference)
 PAIRS = {**{name: "fuse-overlayfs" for name in LAYERFS_FUSE}, "kernel": "kernel-plain"}
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from layerfs import registry
 from layerfs.cli import complete
 from layerfs.cli.base import Ctx, cli, emit_json, handle_errors, pass_ctx
 from layerfs.errors import UsageError
-from layerfs.registry.login import registry_host
+
+if TYPE_CHECKING:  # httpx and trio load only when a registry command runs (0.25 s of every other command)
+    from layerfs import registry
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +35,8 @@ def _transport_options(fn: F) -> F:
 
 def _options(tls_verify: bool, cert_dir: str | None, retries: int, creds: str | None = None,
              jobs: int = 3, chunk_size: int | None = None) -> registry.Options:
+    from layerfs import registry
+
     credentials = None
     if creds is not None:
         user, sep, password = creds.partition(":")
@@ -60,6 +63,8 @@ def _options(tls_verify: bool, cert_dir: str | None, retries: int, creds: str | 
 def pull_cmd(ctx: Ctx, ref: str, name: str | None, platform: str | None, creds: str | None, jobs: int, fmt: str,
              tls_verify: bool, cert_dir: str | None, retries: int) -> None:
     """Pull an image from a registry into the store (resumes an interrupted pull)."""
+    from layerfs import registry
+
     opts = _options(tls_verify, cert_dir, retries, creds, jobs)
     r = registry.pull(ctx.store, ref, name=name, platform=platform, opts=opts, progress=ctx.progress())
     if fmt == "json":
@@ -95,6 +100,8 @@ def push_cmd(ctx: Ctx, image: str, destination: str | None, creds: str | None, j
              index_with: tuple[str, ...], push_foreign: bool, fmt: str, tls_verify: bool, cert_dir: str | None,
              retries: int) -> None:
     """Push a stored image to a registry (DESTINATION defaults to IMAGE's name); prints the manifest digest."""
+    from layerfs import registry
+
     opts = _options(tls_verify, cert_dir, retries, creds, jobs, chunk_size)
     opts.push_foreign = push_foreign
     r = registry.push(ctx.store, image, destination, index_with=index_with, opts=opts, progress=ctx.progress())
@@ -122,6 +129,9 @@ def push_cmd(ctx: Ctx, image: str, destination: str | None, creds: str | None, j
 def login_cmd(ctx: Ctx, server: str, username: str | None, password: str | None, password_stdin: bool,
               authfile: str | None, tls_verify: bool, cert_dir: str | None, retries: int) -> None:
     """Check credentials with a registry and keep them in auth.json."""
+    from layerfs import registry
+    from layerfs.registry.login import registry_host
+
     host = registry_host(server)
     if password_stdin:
         if password is not None:
@@ -148,6 +158,9 @@ def login_cmd(ctx: Ctx, server: str, username: str | None, password: str | None,
 @handle_errors
 def logout_cmd(ctx: Ctx, server: str, authfile: str | None) -> None:
     """Remove a registry's credentials from auth.json."""
+    from layerfs import registry
+    from layerfs.registry.login import registry_host
+
     host = registry_host(server)
     removed, path = registry.logout(host, authfile)
     if not removed:
