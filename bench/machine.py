@@ -18,6 +18,7 @@ import ctypes
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import time
 from importlib import metadata
@@ -96,6 +97,18 @@ def process_cpu(pid: int | None) -> float | None:
         return None
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+
+def terminate(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """Stop a process the bench started: SIGTERM by PID, SIGKILL after ``timeout`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def processes_mentioning(text: str) -> list[int]:

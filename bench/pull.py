@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.datagen import write_file
-from bench.machine import process_cpu
+from bench.machine import process_cpu, terminate
 from bench.measure import Meter, Metric
 from bench.storeops import Log, PrivateContainerd, StoreOps, _put_bytes, _put_json, _run_child, _write_layer
 from layerfs.image.oci import canonical_json
@@ -96,13 +95,7 @@ class BenchRegistry:
         raise RuntimeError(f"docker-registry did not listen on {self.host} within {timeout:.0f}s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self.proc = None
 
     def log_size(self) -> int:

@@ -33,7 +33,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -44,7 +43,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from bench.datagen import write_file, write_small
-from bench.machine import process_cpu
+from bench.machine import process_cpu, terminate
 from bench.measure import Meter, Metric
 from layerfs.image.config import build_config
 from layerfs.image.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, canonical_json
@@ -80,7 +79,7 @@ class _HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes) -> int:  # type: ignore[override]  # only bytes reach it (tarfile, gzip)
         b = bytes(data)
         self.sha.update(b)
         self.size += len(b)
@@ -143,7 +142,7 @@ def _write_layer(blobs: str, fill: Callable[[tarfile.TarFile], None]) -> tuple[d
     with open(tmp, "wb") as raw:
         with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
             hashing = _HashingWriter(gz)  # type: ignore[arg-type]
-            with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 fill(tar)
     digest = _sha_file(tmp)
     os.rename(tmp, os.path.join(blobs, digest))
@@ -318,13 +317,7 @@ class PrivateContainerd:
 
     def stop(self) -> None:
         """SIGTERM by PID, SIGKILL after 10 s; then unmount anything left below ``base``."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         from layerfs.mount import kernel
 
         kernel.unmount_all(self.base, detach=True)
