@@ -94,12 +94,12 @@ def _cleanup(workdir: str) -> None:
 
 
 @click.group("bench", invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--quick", is_flag=True, help="Every workload small, fewer rounds, no lever variants or unionfs-fuse: a smoke run of about a minute on an idle 2-core machine.")
+@click.option("--quick", is_flag=True, help="Every workload small, fewer rounds, no lever variants, unionfs-fuse or kernel-plain: every workload in under a minute on an idle 2-core machine.")
 @click.option("--workload", "workload_names", multiple=True, type=click.Choice(WORKLOAD_NAMES),
               help="Run only this workload (repeatable; default: all).")
 @click.option("--backend", "backend_names", multiple=True, type=click.Choice(backends_mod.NAMES),
               help="Run only this backend (repeatable; default: all, without the lever variants "
-                   "layerfs-kernel-nodircache/-nopassthrough and unionfs-fuse under --quick; native is always run).")
+                   "layerfs-kernel-nodircache/-nopassthrough, unionfs-fuse and kernel-plain under --quick; native is always run).")
 @click.option("--rounds", type=click.IntRange(min=1), default=None,
               help="Samples per case and backend (default 5, 2 with --quick).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
