@@ -11,7 +11,9 @@ Points are medians; the bars span min to max. Every chart has one legend, outsid
 axes (it never hides a point), and the same colour per backend in every chart. Times are
 labelled in s/ms/µs, sizes in KiB/MiB/GiB; an axis is logarithmic when its values span
 more than a decade. matplotlib is imported only here, and only when plots are asked for;
-without it ``make_plots`` says so and returns nothing.
+without it ``make_plots`` says so and returns nothing. The charts are independent: up to two
+forked processes draw them at once (``plot_workers``), and ``preload`` imports matplotlib early
+(the CLI does it in a thread while the run's data is removed).
 """
 
 from __future__ import annotations
@@ -40,9 +42,38 @@ def _spans_decades(values: Sequence[float]) -> bool:
     return bool(positive) and max(positive) / min(positive) > 10
 
 
+def plot_workers() -> int:
+    """How many processes draw the plots at once: one per CPU this process may use, at most 2."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(2, cpus))
+
+
+def preload() -> None:
+    """Import matplotlib (the slowest part of a small run's plots), e.g. in a thread while the run
+    cleans up; without matplotlib this does nothing and ``make_plots`` says so later."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        pass
+
+
+# one chart (or the headline pair): the names it is saved under, and how it is drawn
+_Job = tuple[tuple[str, ...], Callable[[list[str]], "Sequence[Figure] | None"]]
+
+
 def make_plots(results: Mapping[str, WorkloadResult], outdir: str, log: Log,
-               formats: Sequence[str] = ("png",)) -> list[str]:
-    """Write the plots for the workloads that ran; returns the files written."""
+               formats: Sequence[str] = ("png",), workers: int | None = None) -> list[str]:
+    """Write the plots for the workloads that ran; returns the files written.
+
+    The charts are independent, so they are drawn by up to ``workers`` forked processes at once
+    (default ``plot_workers()``), the biggest first; a chart that fails is logged and skipped.
+    """
     if not any(w.samples for w in results.values()):
         return []
     try:
@@ -55,30 +86,105 @@ def make_plots(results: Mapping[str, WorkloadResult], outdir: str, log: Log,
         return []
     subjects = list(dict.fromkeys(s for w in results.values() if w.kind == "mount" for s in w.subjects))
     colours = {s: f"C{i % 10}" for i, s in enumerate(subjects)}
-    written: list[str] = []
 
-    def save(fig: Figure, name: str) -> None:
-        for fmt in formats:
-            path = os.path.join(outdir, f"{name}.{fmt}")
-            fig.savefig(path, dpi=100)
-            written.append(path)
-        plt.close(fig)
-
-    headline = _headline(plt, results, colours)
-    if headline is not None:
-        save(headline[0], "headline")
-        save(headline[1], "ratios")
-    elif any(w.kind == "mount" and w.samples for w in results.values()):
-        log(f"headline plot skipped: {PEER} was not measured")
-    fig = _resources(plt, results, colours)
-    if fig is not None:
-        save(fig, "resources")
-    for name, w in results.items():
-        if name in PLOTTED and w.samples:
+    def by_x(w: WorkloadResult) -> Callable[[list[str]], Sequence[Figure] | None]:
+        def draw(logs: list[str]) -> Sequence[Figure] | None:
             fig = _by_x(plt, w, colours)
-            if fig is not None:
-                save(fig, name)
+            return None if fig is None else [fig]
+        return draw
+
+    def headline(logs: list[str]) -> Sequence[Figure] | None:
+        figs = _headline(plt, results, colours)
+        if figs is None and any(w.kind == "mount" and w.samples for w in results.values()):
+            logs.append(f"headline plot skipped: {PEER} was not measured")
+        return figs
+
+    def resources_chart(logs: list[str]) -> Sequence[Figure] | None:
+        fig = _resources(plt, results, colours)
+        return None if fig is None else [fig]
+
+    # biggest first (the per-size charts have a panel per metric group), so two workers finish together
+    charts = sorted((w for name, w in results.items() if name in PLOTTED and w.samples),
+                    key=lambda w: -len(w.metrics))
+    jobs: list[_Job] = [((w.name,), by_x(w)) for w in charts]
+    jobs += [(("headline", "ratios"), headline), (("resources",), resources_chart)]
+
+    def run(job: _Job, logs: list[str]) -> list[str]:
+        names, draw = job
+        written: list[str] = []
+        try:
+            figs = draw(logs)
+            for name, fig in zip(names, figs or [], strict=False):
+                for fmt in formats:
+                    path = os.path.join(outdir, f"{name}.{fmt}")
+                    fig.savefig(path, dpi=100)
+                    written.append(path)
+                plt.close(fig)
+        except Exception as e:  # one chart is never worth the others
+            logs.append(f"plot {'/'.join(names)} failed: {type(e).__name__}: {e}")
+        return written
+
+    done = _run_jobs(jobs, run, workers or plot_workers())
+    written: list[str] = []
+    for paths, logs in done:
+        for line in logs:
+            log(line)
+        written += paths
     return written
+
+
+def _run_jobs(jobs: Sequence[_Job], run: Callable[[_Job, list[str]], list[str]],
+              workers: int) -> list[tuple[list[str], list[str]]]:
+    """(files written, log lines) of every job, in the jobs' order; ``workers`` > 1 runs them in
+    that many forked processes at once (a child that dies is reported as that job's failure)."""
+    if workers <= 1 or len(jobs) <= 1:
+        out = []
+        for job in jobs:
+            logs: list[str] = []
+            out.append((run(job, logs), logs))
+        return out
+    import multiprocessing
+    from multiprocessing.connection import Connection, wait
+
+    ctx = multiprocessing.get_context("fork")  # the jobs are closures over the results: no pickling
+    results: dict[int, tuple[list[str], list[str]]] = {}
+    running: dict[Connection, tuple[int, Any]] = {}  # the child's pipe -> (job index, process)
+    pending = list(enumerate(jobs))
+
+    def child(index: int, writer: Connection) -> None:
+        logs: list[str] = []
+        paths = run(jobs[index], logs)
+        writer.send((paths, logs))
+        writer.close()
+
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                index, _job = pending.pop(0)
+                reader, writer = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=child, args=(index, writer), daemon=True)
+                proc.start()
+                writer.close()
+                running[reader] = (index, proc)
+            # a pipe is ready when its child sent its result, or died (end of file)
+            for ready in wait(list(running)):
+                assert isinstance(ready, Connection)
+                index, proc = running.pop(ready)
+                try:
+                    results[index] = ready.recv()
+                except EOFError:
+                    results[index] = ([], [])
+                ready.close()
+                proc.join()
+                if proc.exitcode != 0 and not results[index][1]:
+                    names = "/".join(jobs[index][0])
+                    results[index] = ([], [f"plot {names} failed: its process exited {proc.exitcode}"])
+    finally:
+        for reader, (_index, proc) in running.items():  # only on an exception (Ctrl-C): stop ours, by PID
+            proc.terminate()
+            proc.join()
+            reader.close()
+    return [results[i] for i in range(len(jobs))]
 
 
 def _time_axis(ax: Axes, axis: str, values: Sequence[float]) -> None:

@@ -3,7 +3,8 @@
 Order: for each workload, for each of its cases, ``rounds`` times: every backend once
 (round 1: native, kernel, kernel-plain, layerfs-fuse, fuse-overlayfs, unionfs-fuse; later
 rounds in a seeded shuffle of that order), so a noisy moment hurts all alike and no backend
-always runs right after the same one. Every sample gets a fresh scratch directory (upper,
+always runs right after the same one (the store and pull workloads: ``store_rounds`` times,
+1 with --quick). Every sample gets a fresh scratch directory (upper,
 work, mount point), a fresh mount, ``sync`` before it, ``drop_caches`` after mounting when
 the case is cold, and an unmount (daemon stopped), the scratch removed and ``sync`` after
 it; after a write case's sample the runner also waits for the disk to go idle (at most 20 s, 0.25 s
@@ -152,13 +153,15 @@ class Runner:
     """Runs workloads inside one work directory; ``rounds`` samples per case and subject."""
 
     def __init__(self, workdir: str, rounds: int, log: Log, *, sample_timeout: float,
-                 settle_timeout: float = 20.0, prepare_settle_timeout: float = 60.0) -> None:
+                 settle_timeout: float = 20.0, prepare_settle_timeout: float = 60.0,
+                 store_rounds: int | None = None) -> None:
         self.workdir = workdir
         # how long to wait for an idle disk after a write sample and after writing layer data
         # (--quick waits briefly: on a disk other work keeps busy, waiting is most of the run)
         self.settle_timeout = settle_timeout
         self.prepare_settle_timeout = prepare_settle_timeout
         self.rounds = rounds
+        self.store_rounds = rounds if store_rounds is None else store_rounds  # store and pull samples
         self.log = log
         self.sample_timeout = sample_timeout
         self.data = os.path.join(workdir, "data")
@@ -323,7 +326,8 @@ class Runner:
                 result.set_status(workload.name, subject, "skipped", reason)
             else:
                 active.append(subject)
-        for r in range(self.rounds):
+        rounds = self.store_rounds
+        for r in range(rounds):
             for subject in round_order(active, r):
                 if result.failed(workload.name, subject):
                     continue
@@ -334,13 +338,13 @@ class Runner:
                         workload.sample(subject, scratch, meter)
                 except Exception as e:  # recorded; Ctrl-C (not an Exception) unwinds
                     result.set_status(workload.name, subject, "failed", _short(e))
-                    self.log(f"[{workload.name}] {r + 1}/{self.rounds} {subject}: FAILED: {_short(e)}")
+                    self.log(f"[{workload.name}] {r + 1}/{rounds} {subject}: FAILED: {_short(e)}")
                     continue
                 finally:
                     self._remove_scratch(scratch, settle=True)
                 result.add(workload.name, subject, r, meter)
                 shown = ", ".join(f"{k} {_fmt(v)}" for k, v in meter.values.items())
-                self.log(f"[{workload.name}] {r + 1}/{self.rounds} {subject}: {shown}")
+                self.log(f"[{workload.name}] {r + 1}/{rounds} {subject}: {shown}")
         facts = getattr(workload, "facts", None)  # e.g. bytes moved (pull); described again with them
         if facts is not None:
             result.facts = facts()

@@ -107,7 +107,7 @@ class Read(MountWorkload):
 
     def __init__(self, quick: bool) -> None:
         super().__init__(quick)
-        self.size = (64 << 20) if quick else (1 << 30)
+        self.size = (32 << 20) if quick else (1 << 30)
         self.random_reads = 2000 if quick else 20000
 
     def describe(self) -> str:
@@ -154,8 +154,8 @@ class Metadata(MountWorkload):
 
     def __init__(self, quick: bool) -> None:
         super().__init__(quick)
-        self.top, self.sub, self.files = (8, 20, 8) if quick else (50, 100, 10)
-        self.big = 1000 if quick else 10000
+        self.top, self.sub, self.files = (4, 10, 8) if quick else (50, 100, 10)
+        self.big = 500 if quick else 10000
 
     @property
     def n_dirs(self) -> int:
@@ -228,7 +228,7 @@ class CopyUp(MountWorkload):
 
     def __init__(self, quick: bool) -> None:
         super().__init__(quick)
-        self.sizes = [4 << 10, 1 << 20, 16 << 20] if quick else [4 << 10, 1 << 20, 100 << 20, 1 << 30]
+        self.sizes = [4 << 10, 1 << 20, 4 << 20] if quick else [4 << 10, 1 << 20, 100 << 20, 1 << 30]
 
     def describe(self) -> str:
         sizes = ", ".join(human_size(s, binary=True) for s in self.sizes)

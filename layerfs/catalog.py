@@ -64,6 +64,7 @@ class ImageInfo:
     # layers (then only ``layers`` can be shown)
     history: tuple[HistoryStep, ...] = ()
     labels: dict[str, str] = field(default_factory=dict, compare=False)  # the config's Labels
+    created_ns: int | None = field(default=None, compare=False)  # ``created`` with all nine digits
 
     @property
     def size(self) -> int:
@@ -104,7 +105,8 @@ def image_info(store: Store, img: Image) -> ImageInfo:
         ))
     return ImageInfo(name=img.name, image_id=img.config_digest, created=parse_rfc3339(config.get("created")),
                      layers=tuple(layers), manifest_digest=img.manifest_digest,
-                     history=_history_steps(config, layers), labels=_labels(config))
+                     history=_history_steps(config, layers), labels=_labels(config),
+                     created_ns=parse_rfc3339_ns(config.get("created")))
 
 
 def _labels(config: dict[str, Any]) -> dict[str, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from layerfs import __version__
 from layerfs.errors import LayerfsError
 from layerfs.progress import Progress, ending_bars
 from layerfs.store import Store, default_root
+from layerfs.text import human_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,14 +69,36 @@ def _command_name() -> str:
     return ctx.command_path.removeprefix("layerfs ").strip() if ctx is not None else "layerfs"
 
 
+def _existing_dir(path: str) -> str | None:
+    """The nearest existing directory at or above ``path`` (where a new file would go)."""
+    here = os.path.abspath(path)
+    while True:
+        if os.path.isdir(here):
+            return here
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+
+
 def _space_note(e: OSError) -> str:
-    """For a full disk (ENOSPC, EDQUOT): "; it needed more than ... free" from the open store."""
+    """For a full disk (ENOSPC, EDQUOT): " (it needed more than ... free ...)" from the open store
+    when the path that failed is on the store's filesystem; for a path elsewhere (an export's
+    destination), the room left on that path's filesystem."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return ""
     ctx = click.get_current_context(silent=True)
     obj = ctx.find_object(Ctx) if ctx is not None else None
     store = obj._store if obj is not None else None
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT) or store is None:
+    name = e.filename if isinstance(e.filename, str) else None
+    where = _existing_dir(name) if name else None
+    try:
+        if where is not None and (store is None or os.stat(where).st_dev != os.stat(store.root).st_dev):
+            st = os.statvfs(where)
+            return f" ({human_size(st.f_bavail * st.f_frsize)} free now on the filesystem of {where})"
+    except OSError:
         return ""
-    return f" ({store.space_note()})"
+    return f" ({store.space_note()})" if store is not None else ""
 
 
 def _debugging() -> bool:

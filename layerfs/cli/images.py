@@ -320,11 +320,40 @@ def export_cmd(ctx: Ctx, refs: tuple[str, ...], out: str, fmt: str, rebuild_laye
                     shutil.copyfileobj(src, sys.stdout.buffer, 1 << 20)
                     sys.stdout.buffer.flush()
                 else:
-                    _write_gzip(src, out)
+                    with _naming_destination(ctx, out):
+                        _write_gzip(src, out)
         ctx.log(f"Exported {', '.join(i.name for i in imgs)} to {'stdout' if out == '-' else out} ({fmt})")
         return
-    imgs = exporter.export(ctx.store, list(refs), out, fmt=fmt, rebuild=rebuild_layers, progress=ctx.progress())
+    with _naming_destination(ctx, out):
+        imgs = exporter.export(ctx.store, list(refs), out, fmt=fmt, rebuild=rebuild_layers, progress=ctx.progress())
     ctx.log(f"Exported {', '.join(i.name for i in imgs)} to {out} ({fmt})")
+
+
+@contextlib.contextmanager
+def _naming_destination(ctx: Ctx, out: str) -> Iterator[None]:
+    """Errors name ``out``, the user's path: one about the hidden temp file beside it (written,
+    then renamed to ``out``), and a full disk met while writing (a write(2) error names no
+    file) when ``out`` is on another filesystem than the store: that is the one being written."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        partial = f".{os.path.basename(os.path.abspath(out))}."
+        if (isinstance(e.filename, str) and e.filename2 is None
+                and os.path.dirname(os.path.abspath(e.filename)) == os.path.dirname(os.path.abspath(out))
+                and os.path.basename(e.filename).startswith(partial) and e.filename.endswith(".tmp")):
+            raise OSError(e.errno, e.strerror, out) from e
+        if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = os.path.dirname(os.path.abspath(out))
+        try:
+            elsewhere = os.stat(where).st_dev != os.stat(ctx.store.root).st_dev
+        except OSError:
+            raise e from None
+        if not elsewhere:
+            raise
+        raise OSError(e.errno, e.strerror, out) from e
 
 
 def _write_gzip(src: BinaryIO, out: str) -> None:

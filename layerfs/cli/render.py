@@ -214,7 +214,8 @@ def render_images(
                     "tag": split_reference(image.name)[1],
                     "id": image.image_id,
                     "manifest_digest": image.manifest_digest,
-                    "created": _rfc3339(image.created),
+                    "created": (rfc3339_nano(image.created_ns) if image.created_ns is not None
+                                else _rfc3339(image.created)),
                     "size": image.size,
                     "layers": [layer.chain_id for layer in image.layers],
                     "labels": image.labels,
