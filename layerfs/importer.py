@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -67,13 +69,16 @@ def _apply_blob(
     lowers: Sequence[str],
     limits: compression.Limits,
     progress: Progress,
-    apply: bool,
+    staging: str | None,
+    lowers_ready: Callable[[], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> tuple[BlobRecord, Digest, str | None, archive.ApplyStats | None]:
-    """Ingest one layer blob; if ``apply``, unpack it into a new staging dir.
+    """Ingest one layer blob; if ``staging`` (a new staging dir), unpack it into it.
 
     Returns the blob record, the verified diffID, the staging dir (or None) and apply stats.
+    ``lowers_ready``: see ``apply_layer``; ``check`` is called before each read of the blob
+    and may raise to stop (another layer of the image failed).
     """
-    staging = store.new_staging() if apply else None
     try:
         with opener() as raw:
             # A source that stages into the content store itself (a registry pull's download)
@@ -82,14 +87,15 @@ def _apply_blob(
             bar = (Progress(enabled=False) if staged else progress).bar(
                 f"Copying blob {digest.short()}" if digest else f"Copying {what}", size)
             with raw if isinstance(raw, Ingest) else store.content.ingest(bar.wrap(raw), what, digest, size) as ing:
-                head = _Peek(ing)
+                head = _Peek(ing, check)
                 kind = compression.detect(head.peek(8))
                 plain = compression.open_decompressed(head, what, limits)
                 tar_reader = VerifyingReader(plain, f"{what} (uncompressed)", diff_id)
                 stats = None
                 if staging is not None:
                     stats = archive.apply_layer(
-                        tar_reader, os.path.join(staging, "fs"), lowers=lowers, fmt=store.fmt, what=what
+                        tar_reader, os.path.join(staging, "fs"), lowers=lowers, fmt=store.fmt, what=what,
+                        lowers_ready=lowers_ready,
                     )
                     failpoint.hit("import.layer-applied")
                 tar_reader.drain()
@@ -108,9 +114,10 @@ def _apply_blob(
 class _Peek:
     """Lets compression detection look at a stream's first bytes without losing them."""
 
-    def __init__(self, raw: Readable) -> None:
+    def __init__(self, raw: Readable, check: Callable[[], None] | None = None) -> None:
         self.raw = raw
         self.buf = b""
+        self.check = check
 
     def peek(self, n: int) -> bytes:
         while len(self.buf) < n:
@@ -121,6 +128,8 @@ class _Peek:
         return self.buf[:n]
 
     def read(self, n: int = -1) -> bytes:
+        if self.check is not None:
+            self.check()
         if self.buf:
             if n is None or n < 0:
                 data, self.buf = self.buf + bytes(self.raw.read()), b""
@@ -133,6 +142,89 @@ class _Peek:
         return True
 
 
+class _Stopped(Exception):  # noqa: N818 - not an error: the layer was not needed any more
+    """A layer's application stopped because a layer below it failed (or an interrupt)."""
+
+
+@dataclass(eq=False)
+class _Job:
+    """One layer to ingest (and, with ``staging``, to unpack) in an import."""
+
+    index: int
+    what: str
+    layer: images.LayerBlob
+    diff_id: Digest
+    staging: str | None  # a new staging dir; None: the layer is stored, only its blob is not
+    lowers: list[str]  # fs dirs of the layers below, top first
+    done: threading.Event = field(default_factory=threading.Event)
+    result: tuple[BlobRecord, Digest, str | None, archive.ApplyStats | None] | None = None
+    error: BaseException | None = None
+
+
+class _Jobs:
+    """The layers of one import, applied at once by up to ``workers`` threads.
+
+    Each layer goes into its own staging directory, so the layers are independent except
+    where a layer's tar makes a parent directory it does not list: that looks at the layers
+    below (``apply_layer``'s ``lowers_ready``), which it then waits for. The outcome is the
+    serial one: when layer *k* fails, the layers above it stop (they would never have been
+    reached), the ones below run to their end, and the error reported is the lowest layer's.
+    """
+
+    def __init__(self, jobs: list[_Job], failed_at: int) -> None:
+        self.jobs = jobs
+        self.failed_at = failed_at  # the lowest layer index that failed (len(layers): none)
+        self._lock = threading.Lock()
+
+    def stop_above(self, index: int) -> None:
+        with self._lock:
+            self.failed_at = min(self.failed_at, index)
+
+    def check(self, job: _Job) -> None:
+        if job.index > self.failed_at:
+            raise _Stopped(job.what)
+
+    def lowers_ready(self, job: _Job) -> None:
+        for other in self.jobs:
+            if other.index >= job.index or other.staging is None:
+                continue
+            while not other.done.wait(0.2):
+                self.check(job)
+            self.check(job)
+
+    def run(self, job: _Job, run: Callable[[_Job], tuple[BlobRecord, Digest, str | None, archive.ApplyStats | None]],
+            ) -> None:
+        try:
+            self.check(job)
+            job.result = run(job)
+        except BaseException as e:  # noqa: BLE001 - handed to the importing thread
+            job.error = e
+            if not isinstance(e, _Stopped):
+                self.stop_above(job.index)
+        finally:
+            job.done.set()
+
+    def run_all(self, workers: int,
+                run: Callable[[_Job], tuple[BlobRecord, Digest, str | None, archive.ApplyStats | None]],
+                on_interrupt: Callable[[], None] | None) -> None:
+        if workers <= 1 or len(self.jobs) <= 1:
+            for job in self.jobs:
+                self.run(job, run)
+                if job.error is not None:
+                    break
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layerfs-apply") as pool:
+            futures = [pool.submit(self.run, job, run) for job in self.jobs]
+            try:
+                for fut in futures:
+                    fut.result()
+            except BaseException:  # an interrupt of this thread: stop every layer, then wait
+                self.stop_above(-1)
+                if on_interrupt is not None:
+                    on_interrupt()
+                raise
+
+
 def import_resolved(
     store: Store,
     img: images.ResolvedImage,
@@ -140,8 +232,15 @@ def import_resolved(
     *,
     progress: Progress | None = None,
     limits: compression.Limits | None = None,
+    jobs: int = 1,
+    on_interrupt: Callable[[], None] | None = None,
 ) -> ImportResult:
-    """Import one resolved image (manifest + config + layers) under ``names``."""
+    """Import one resolved image (manifest + config + layers) under ``names``.
+
+    ``jobs``: how many layers are unpacked at once (see ``_Jobs``; worth it when each
+    layer's stream is independent, as in a pull: with 1, one after the other, as streams of
+    one archive must be read). ``on_interrupt`` is called when an interrupt stops the
+    layers being unpacked at once (a pull cancels its downloads, which they may wait for)."""
     store.check_room(f"import {', '.join(names)}")
     progress = progress or Progress(enabled=False)
     limits = limits or compression.Limits.from_env()
@@ -154,9 +253,13 @@ def import_resolved(
     staging = _Staging(store)
     result_new: list[Digest] = []
     reused: list[Digest] = []
+    made: list[str] = []  # staging dirs made for the layers (removed, if left, at the end)
     with store.shared_lock():
         try:
-            layer_records: list[tuple[Digest, int, str]] = []
+            # Which layers are stored, and where each one's lowers are: in order, before any is read.
+            present_recs: dict[int, BlobRecord] = {}
+            first_error: tuple[int, BaseException] | None = None
+            todo: list[_Job] = []
             dirs_below: list[str] = []  # fs dirs of the layers below the current one, top first
             for i, layer in enumerate(img.layers):
                 what = f"layer {i + 1}/{len(img.layers)} ({layer.digest or diff_ids[i]})"
@@ -166,32 +269,64 @@ def import_resolved(
                     rec = store.blob(layer.digest)
                     assert rec is not None
                     if rec.diff_id is not None and rec.diff_id != diff_ids[i]:
-                        raise DigestMismatch(
+                        first_error = (i, DigestMismatch(
                             f"{what}: blob {layer.digest} is stored with diffID {rec.diff_id}, "
                             f"but the image config says {diff_ids[i]}"
-                        )
-                    reused.append(chain)
-                    layer_records.append((rec.digest, rec.size, layer.media_type or rec.media_type))
-                    staging.blobs.append(rec)
+                        ))
+                        break  # as the layers are taken in order: none above this one is read
+                    present_recs[i] = rec
                     dirs_below.insert(0, store.fs_dir(present.id))
                     progress.line(f"Layer {chain.short()} already present")
                     continue
-                rec, got_diff, new_dir, stats = _apply_blob(
-                    store, layer.open, what, layer.digest, layer.size, diff_ids[i], dirs_below,
-                    limits, progress, apply=present is None,
+                new_dir = None
+                if present is None:
+                    new_dir = store.new_staging()
+                    made.append(new_dir)
+                todo.append(_Job(i, what, layer, diff_ids[i], new_dir, list(dirs_below)))
+                dirs_below.insert(0, store.fs_dir(present.id) if present is not None
+                                  else os.path.join(new_dir or "", "fs"))
+            runner = _Jobs(todo, first_error[0] if first_error else len(img.layers))
+
+            def run(job: _Job) -> tuple[BlobRecord, Digest, str | None, archive.ApplyStats | None]:
+                return _apply_blob(
+                    store, job.layer.open, job.what, job.layer.digest, job.layer.size, job.diff_id, job.lowers,
+                    limits, progress, job.staging, lambda: runner.lowers_ready(job), lambda: runner.check(job),
                 )
+
+            runner.run_all(jobs, run, on_interrupt)
+            for job in todo:  # what verified is staged: removed with the rest on failure
+                if job.result is not None:
+                    staging.blobs.append(job.result[0])
+            errors = [(job.index, job.error) for job in todo
+                      if job.error is not None and not isinstance(job.error, _Stopped)]
+            if first_error is not None:
+                errors.append(first_error)
+            if errors:
+                raise min(errors, key=lambda e: e[0])[1]
+            staging.blobs.clear()
+            by_index = {job.index: job for job in todo}
+            layer_records: list[tuple[Digest, int, str]] = []
+            for i, layer in enumerate(img.layers):
+                chain = chains[i]
+                if i in present_recs:
+                    rec = present_recs[i]
+                    reused.append(chain)
+                    layer_records.append((rec.digest, rec.size, layer.media_type or rec.media_type))
+                    staging.blobs.append(rec)
+                    continue
+                done = by_index[i]
+                assert done.result is not None
+                rec, got_diff, new_dir, stats = done.result
                 staging.blobs.append(rec)
                 layer_records.append((rec.digest, rec.size, layer.media_type or rec.media_type))
-                if present is not None:
+                if new_dir is None:
                     reused.append(chain)
-                    dirs_below.insert(0, store.fs_dir(present.id))
                 else:
-                    assert new_dir is not None and stats is not None
+                    assert stats is not None
                     staging.layers.append(StagedLayer(
                         chain, got_diff, chains[i - 1] if i else None, new_dir, stats.size, stats.entries
                     ))
                     result_new.append(chain)
-                    dirs_below.insert(0, os.path.join(new_dir, "fs"))
             manifest_bytes = img.manifest_bytes
             if manifest_bytes is None:
                 manifest_bytes = images.synthesize_manifest(img.config_bytes, layer_records)
@@ -209,6 +344,8 @@ def import_resolved(
             )
         finally:
             staging.cleanup()
+            for path in made:
+                shutil.rmtree(path, ignore_errors=True)
     return ImportResult(list(names), manifest_digest, config_digest, top, result_new, reused)
 
 

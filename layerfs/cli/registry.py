@@ -54,7 +54,7 @@ def _options(tls_verify: bool, cert_dir: str | None, retries: int, creds: str | 
 @click.option("--platform", help="os/arch[/variant] to pick from a multi-platform image (default: this machine).")
 @click.option("--creds", metavar="USER:PASSWORD", help="Credentials (default: auth.json, ~/.docker/config.json).")
 @click.option("-j", "--jobs", type=click.IntRange(1, 32), default=3, show_default=True,
-              help="Layers downloaded at once.")
+              help="Layers downloaded (and unpacked) at once.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="text: NAME DIGEST on stdout; json: what was pulled, for programs.")
 @_transport_options

@@ -46,7 +46,7 @@ import logging
 import os
 import stat
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Self, cast
@@ -97,6 +97,7 @@ def apply_layer(
     fmt: LayerFormat = whiteout.PRIVILEGED,
     what: str = "layer",
     limits: Limits | None = None,
+    lowers_ready: Callable[[], None] | None = None,
 ) -> ApplyStats:
     """Apply the (decompressed, forward-only) layer tar ``tar_stream`` to the empty
     directory ``dest``. ``lowers`` are the layers below, top first. ``tar_stream`` is not
@@ -107,9 +108,16 @@ def apply_layer(
     holes included, a hardlink nothing: it adds a name, not data) may not pass
     ``max_bytes``, nor, past ``RATIO_FREE_BYTES``, ``max_ratio`` times the tar bytes read
     so far (a 2 KB sparse member claiming 10 GB). ``LimitExceeded`` names the entry, and
-    is raised before that entry's file is made."""
+    is raised before that entry's file is made.
+
+    ``lowers_ready``, if given, is called (once) before the lower layers are first looked
+    at, and returns when they are complete: layers of one image can be applied at once, each
+    into its own directory, while the ones below are still being written. The lowers are
+    only consulted when this layer creates a parent directory its tar does not list; then
+    they are looked at as they are once complete, so the result is that of applying the
+    layers one after the other. An exception from it stops the application."""
     root_fd = os.open(dest, _DIR)
-    applier = _Applier(root_fd, dest, lowers, fmt, what, limits or Limits.from_env())
+    applier = _Applier(root_fd, dest, lowers, fmt, what, limits or Limits.from_env(), lowers_ready)
     try:
         applier.run(tar_stream)
         return ApplyStats(applier.entries, applier.size)
@@ -188,8 +196,11 @@ class _Applier:
     """One application of one tar; holds the open layer root and what is deferred."""
 
     def __init__(self, root_fd: int, dest: str, lowers: Sequence[str], fmt: LayerFormat, what: str,
-                 limits: Limits) -> None:
+                 limits: Limits, lowers_ready: Callable[[], None] | None = None) -> None:
         self.root_fd = root_fd
+        self.dest = dest
+        self.lowers = list(lowers)
+        self.lowers_ready = lowers_ready
         self.fmt = fmt
         self.what = what
         self.limits = limits
@@ -197,9 +208,13 @@ class _Applier:
         self.size = 0
         self.logical = 0  # logical bytes of the regular files written (see ``apply_layer``)
         # this layer over the lowers: what a missing parent would be created over. This layer
-        # is written while the view is consulted: each lookup reads it afresh (the lowers once)
-        self.union = LayerStack([dest, *lowers], top_changes=True) if lowers else None
+        # is written while the view is consulted: each lookup reads it afresh (the lowers once).
+        # Made when first needed (``union_view``), once the lowers are complete.
+        self.union: LayerStack | None = None
         self.privileged = os.geteuid() == 0
+        # the owner a new file gets (no directory here is setgid while the tar is written:
+        # directory modes come last), so a chown to it would change nothing
+        self.own_ids = (os.geteuid(), os.getegid())
         # path -> (mode, (atime_ns, mtime_ns)) of explicit directories, applied at the end
         self.dirs: dict[str, tuple[int, tuple[int, int], int]] = {}  # ... and the entry number
         self.removed: dict[str, int] = {}  # directory path -> entry number that last removed it
@@ -326,12 +341,22 @@ class _Applier:
     def _union_from(self, parts: list[str], i: int) -> Iterator[Entry | None]:
         """The union's entries for ``parts[:i+1]``, ``parts[:i+2]``, ..., each computed from the
         one before (a deep name costs one pass) and before its directory is created here."""
-        if self.union is None:
+        union = self.union_view()
+        if union is None:
             return iter(())
-        view = self.union.lookup_parents("/".join([*parts, "-"]))  # proper prefixes = parts
+        view = union.lookup_parents("/".join([*parts, "-"]))  # proper prefixes = parts
         for _ in range(i):
             next(view, None)  # present here as directories: nothing to check
         return view
+
+    def union_view(self) -> LayerStack | None:
+        """This layer over the complete lowers (None without lowers)."""
+        if self.union is None and self.lowers:
+            if self.lowers_ready is not None:
+                self.lowers_ready()
+                self.lowers_ready = None
+            self.union = LayerStack([self.dest, *self.lowers], top_changes=True)
+        return self.union
 
     def _not_a_directory(self, fd: int, prefix: list[str], entry: str, create: bool, e: OSError) -> int:
         if e.errno not in (errno.ENOTDIR, errno.ELOOP):
@@ -492,8 +517,10 @@ class _Applier:
                 self._copy_sparse(tf, m, fd)
             else:
                 self._copy(tf, m, fd, [(None, m.size)])
-            # content, owner (chown clears setuid and security.capability), mode, xattrs, times
-            self._chown(fd, m)
+            # content, owner (chown clears setuid and security.capability), mode, xattrs, times;
+            # a new file is its creator's already (and has neither setuid nor xattrs yet)
+            if (m.uid, m.gid) != self.own_ids:
+                self._chown(fd, m)
             os.chmod(fd, m.mode & 0o7777)
             self._xattrs(fd, m)
             os.utime(fd, ns=self._times(m))

@@ -10,11 +10,12 @@
    layer order), each into ``tmp/ingest-<hex>.partial``: sha256 and size checked while the
    bytes arrive. A partial file left by an interrupted pull is continued with an HTTP
    ``Range`` request. A blob that does not match its digest is deleted and named.
-4. Meanwhile ``import_resolved`` runs in this thread and unpacks each layer *as it
-   arrives*: the layer's stream is a ``_Arriving`` reader over the partial file (an
-   ``Ingest``, so the importer stages it as is, without another copy), which waits for
-   bytes the download has not written yet. diffIDs are checked while unpacking, and
-   nothing is committed until every blob and layer verified (``Store.commit_image``).
+4. Meanwhile ``import_resolved`` unpacks each layer *as it arrives*, as many layers at once
+   as blobs are downloaded at once (each into its own staging dir; see ``importer._Jobs``):
+   the layer's stream is a ``_Arriving`` reader over the partial file (an ``Ingest``, so
+   the importer stages it as is, without another copy), which waits for bytes the download
+   has not written yet. diffIDs are checked while unpacking, and nothing is committed until
+   every blob and layer verified (``Store.commit_image``).
 
 A failed pull leaves the store as it was. Partial downloads are kept for a re-run when the
 failure may pass (the registry went away, an interrupt); after any other failure (a bad
@@ -597,7 +598,8 @@ def pull(
                              list(downloads.values()), progress)
         worker.start()
         try:
-            imported = import_resolved(store, img, [stored_name], progress=progress)
+            imported = import_resolved(store, img, [stored_name], progress=progress,
+                                       jobs=max(1, place_opts.concurrency), on_interrupt=worker.cancel)
         except BaseException as e:
             worker.cancel()
             worker.join()
