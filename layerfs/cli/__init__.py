@@ -9,32 +9,26 @@ entry point group, so the engine never imports its benchmark or its servers.
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-
 import click
 
 from layerfs.cli import containers, docs, images, inspect, registry, schemas
-from layerfs.cli.base import cli, interrupt_on_termination
+from layerfs.cli.base import PLUGIN_GROUP, cli, interrupt_on_termination, load_plugins
 
 __all__ = ["cli", "main"]
 
-ENTRY_POINT_GROUP = "layerfs.commands"
+ENTRY_POINT_GROUP = PLUGIN_GROUP
 
 # the command modules register themselves on ``cli`` when imported
 _COMMAND_MODULES = (containers, docs, images, inspect, registry, schemas)
 
 
 def _plugins() -> None:
-    """Add the commands other distributions (bench, snapshotter) register as entry points."""
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in cli.commands:
-            continue
-        command = ep.load()
-        if isinstance(command, click.Command):
-            cli.add_command(command, ep.name)
+    """Add every command other distributions (bench, snapshotter) register as entry points
+    (``cli`` itself loads one only when it is named or the commands are listed)."""
+    assert isinstance(cli, click.Group)
+    load_plugins(cli)
 
 
 def main() -> None:
     interrupt_on_termination()
-    _plugins()
     cli(prog_name="layerfs")

@@ -159,8 +159,39 @@ def interrupt_on_termination() -> None:
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
+PLUGIN_GROUP = "layerfs.commands"  # entry points of commands from outside the engine
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LayerfsGroup(click.Group):
+    """The ``layerfs`` group: commands from outside the engine (``bench``, ``snapshotter``:
+    entry points in ``PLUGIN_GROUP``) are loaded only when named or listed, so that a
+    ``layerfs pull`` imports neither the benchmark nor importlib.metadata."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            load_plugins(self, only=cmd_name)
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        load_plugins(self)
+        return super().list_commands(ctx)
+
+
+def load_plugins(group: click.Group, only: str | None = None) -> None:
+    """Add the commands other distributions register as entry points (all, or ``only``)."""
+    from importlib.metadata import entry_points  # ~50 ms: only when a plugin is wanted
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name in group.commands or (only is not None and ep.name != only):
+            continue
+        command = ep.load()
+        if isinstance(command, click.Command):
+            group.add_command(command, ep.name)
+
+
+@click.group(cls=LayerfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--root", envvar="LAYERFS_ROOT", type=click.Path(file_okay=False),
               help=f"Store directory (default: $LAYERFS_ROOT, else {default_root()}).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or log messages on stderr.")

@@ -24,7 +24,7 @@ import click
 from click.shell_completion import get_completion_class
 
 from layerfs import __version__
-from layerfs.cli.base import cli, handle_errors
+from layerfs.cli.base import cli, handle_errors, load_plugins
 from layerfs.errors import UsageError
 
 COMPLETE_VAR = "_LAYERFS_COMPLETE"
@@ -158,6 +158,8 @@ def man_cmd(ctx: click.Context, command: tuple[str, ...], output: str | None) ->
     """Man pages made from the commands' help: the page of COMMAND (default: layerfs) as man(7)
     source on stdout (layerfs man images | man -l -), or with --output every page as a file."""
     root = ctx.find_root().command
+    if isinstance(root, click.Group):
+        load_plugins(root)  # every page, the plugins' (bench, snapshotter) too
     if output is None:
         path, cmd = _find(root, command)
         click.echo(man_page(path, cmd), nl=False)
