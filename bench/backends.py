@@ -10,8 +10,9 @@ the way a container's root filesystem is mounted:
   options (relative layer paths from their common parent when absolute ones would not fit in
   one page, as containerd does): the reference for "within 5% of plain kernel overlayfs";
 - ``layerfs-fuse`` (layerfs-fuse on pyfuse3), ``layerfs-kernel`` (layerfs-fuse on its own
-  kernel-protocol transport) and its lever variants ``layerfs-kernel-nodircache`` and
-  ``layerfs-kernel-nopassthrough``, ``fuse-overlayfs``, ``unionfs-fuse``: FUSE programs that return once the
+  kernel-protocol transport) and its lever variants ``layerfs-kernel-nodircache``,
+  ``layerfs-kernel-nopassthrough``, ``layerfs-kernel-nosplice`` and
+  ``layerfs-kernel-writeback``, ``fuse-overlayfs``, ``unionfs-fuse``: FUSE programs that return once the
   mount is live and keep serving from a daemon. The daemon's PID is found from its command
   line (it names the mount point) so that its CPU time can be read and it can be stopped.
 
@@ -331,6 +332,21 @@ class LayerfsKernelNoPassthrough(LayerfsFuse):
     options = ("--transport", "kernel", "--passthrough", "off")
 
 
+class LayerfsKernelNoSplice(LayerfsFuse):
+    """The kernel transport answering READ from a buffer (preadv + writev) instead of splice."""
+
+    name = "layerfs-kernel-nosplice"
+    options = ("--transport", "kernel", "--splice", "off")
+
+
+class LayerfsKernelWriteback(LayerfsFuse):
+    """The kernel transport with the kernel's writeback cache (off by default: it excludes
+    passthrough, and creates cost more requests, not fewer)."""
+
+    name = "layerfs-kernel-writeback"
+    options = ("--transport", "kernel", "--writeback", "on")
+
+
 class FuseOverlayfs(FuseProgram):
     name = "fuse-overlayfs"
     program = "fuse-overlayfs"
@@ -351,11 +367,13 @@ class UnionfsFuse(FuseProgram):
 
 
 ALL: tuple[type[Backend], ...] = (Native, Kernel, KernelPlain, LayerfsFuse, LayerfsKernel, LayerfsKernelNoDirCache,
-                                  LayerfsKernelNoPassthrough, FuseOverlayfs, UnionfsFuse)
+                                  LayerfsKernelNoPassthrough, LayerfsKernelNoSplice, LayerfsKernelWriteback,
+                                  FuseOverlayfs, UnionfsFuse)
 NAMES = tuple(b.name for b in ALL)
 LAYERFS_FUSE = tuple(b.name for b in ALL if issubclass(b, LayerfsFuse))
 # the lever variants of the kernel transport: full runs measure them, --quick leaves them out
-LEVERS = (LayerfsKernelNoDirCache.name, LayerfsKernelNoPassthrough.name)
+LEVERS = (LayerfsKernelNoDirCache.name, LayerfsKernelNoPassthrough.name, LayerfsKernelNoSplice.name,
+          LayerfsKernelWriteback.name)
 # --quick also leaves out unionfs-fuse (a peer no target is stated against) and kernel-plain (only
 # the "kernel within 5% of mount(8)" check needs it): under a minute, with every workload
 QUICK_NAMES = tuple(n for n in NAMES if n not in (*LEVERS, UnionfsFuse.name, KernelPlain.name))

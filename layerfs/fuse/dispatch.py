@@ -9,9 +9,10 @@ session. Union semantics are the model's; this module owns what the protocol add
   ``fuse_attr.ino``, what ``stat`` shows, is ``Attr.st_ino`` (they may differ).
 - lookup counts, as ``layerfs.fuse.ops``: LOOKUP/CREATE/MKDIR/MKNOD/SYMLINK/LINK replies and
   every READDIRPLUS entry the kernel gets count one lookup (``.`` and ``..`` go out with
-  node id 0 and count none). A model whose ``readdir`` counts none (``UnionFS``) gets one
+  node id 0 and count none). A model whose ``readdir`` counts none gets one
   ``model.lookup`` per READDIRPLUS entry sent (fresh attributes, too); one that says
-  ``readdir_counts_lookups`` gets a ``forget`` for every entry it listed that the kernel
+  ``readdir_counts_lookups`` (``UnionFS``: a model with ``readdir_can_count_lookups`` is
+  switched to counting) gets a ``forget`` for every entry it listed that the kernel
   did not take (plain READDIR entries, entries dropped at release). A reply the kernel did
   not take (the request was interrupted) gives its lookups back.
 - directories are opened without a request (``CachePolicy.zero_message_opendir``, the
@@ -41,8 +42,9 @@ session. Union semantics are the model's; this module owns what the protocol add
   0) for ``negative`` seconds; directories are opened ``FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE``:
   the kernel keeps listings and reuses them while the directory is unchanged (it drops the
   cache itself on every change it makes). OPEN answers ``FOPEN_KEEP_CACHE`` for immutable
-  (lower-only) files, and ``FOPEN_NOFLUSH`` for read-only opens (no FLUSH on close: the
-  kernel keeps POSIX locks itself, and a read-only handle has nothing to flush).
+  (lower-only) files, and ``FOPEN_NOFLUSH`` for read-only opens and, when the model
+  says its ``flush`` has nothing to do (``flush_needed`` False: ``UnionFS``), for every open
+  (no FLUSH on close: the kernel keeps POSIX locks itself, and nothing is buffered).
 - invalidations the kernel cannot know of are sent as notifications: the model's
   ``drain_invalidations()`` (attributes changed by a copy-up) at once, before the reply
   (attribute-only invalidations take no locks); the readdir cache of a directory that
@@ -62,15 +64,21 @@ session. Union semantics are the model's; this module owns what the protocol add
 
 Threads: calls that may copy data (open, read, write, fsync, setattr, link, rename,
 set/removexattr) run in worker threads, as in ``ops``; everything else, and all
-state of this class, stays on the trio thread.
+state of this class, stays on the trio thread. With ``data_threads`` (the session's
+default), READ and WRITE skip trio altogether: ``queue_data`` hands them to data threads
+that serve and answer them themselves (one writev, or for READ a splice of the file's
+pages through a pipe of the thread's own, ``_Reader``), and the loop sends nothing.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
+import queue
 import stat
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -160,6 +168,10 @@ STREAM_SHIFT = 32
 POSITION_MASK = (1 << STREAM_SHIFT) - 1
 STREAMS_PER_DIR = 8  # listings kept per directory (the kernel may hand out offsets of any)
 RENAME_EXCHANGE = 2  # renameat2(2)
+# the reusable read buffer of each data thread: the largest READ the kernel sends (max_pages)
+DATA_BUFFER = 1 << 20
+PAGE = os.sysconf("SC_PAGESIZE")
+SPLICE_F_NONBLOCK = 2
 
 # requests after which the model may have changed attributes behind the kernel
 _CHANGING = frozenset({p.Op.SETATTR, p.Op.SYMLINK, p.Op.MKNOD, p.Op.MKDIR, p.Op.UNLINK, p.Op.RMDIR,
@@ -170,22 +182,123 @@ Handler = Callable[[Request], Answer]
 AsyncHandler = Callable[[Request], Awaitable[Answer]]
 
 
+class _Reader:
+    """How a data thread answers READ: with ``splice`` (the file's pages go through a pipe
+    of the thread's own to the device: the daemon never copies them), else ``preadv`` into
+    the thread's reusable buffer and one ``writev`` of header and data."""
+
+    def __init__(self, d: Dispatcher) -> None:
+        self.d = d
+        self.buf = bytearray(DATA_BUFFER)
+        self.view = memoryview(self.buf)
+        self.read_fd: Callable[[int], int] | None = getattr(d.model, "read_fd", None)
+        self.pipe: tuple[int, int] | None = None
+        self.splice = d.splice and self.read_fd is not None
+        self.slots = 0  # pipe capacity in pages (buffers): one for the header, one per data page
+
+    def _open_pipe(self) -> tuple[int, int] | None:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        size = 0
+        # a header page, then up to DATA_BUFFER bytes (one page more when not page aligned);
+        # more than /proc/sys/fs/pipe-max-size (1 MiB by default) needs CAP_SYS_RESOURCE
+        for want in (DATA_BUFFER + 2 * PAGE, DATA_BUFFER):
+            try:
+                size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, want)
+                break
+            except OSError:
+                continue
+        self.slots = size // PAGE
+        if self.slots < 2:
+            os.close(r)
+            os.close(w)
+            self.splice = False
+            return None
+        return r, w
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            for fd in self.pipe:
+                os.close(fd)
+            self.pipe = None
+
+    def read(self, req: Request) -> None:
+        fh, offset, size = p.READ_IN.unpack_from(req.arg)[:3]
+        d = self.d
+        if self.read_fd is None or size > DATA_BUFFER:
+            data = d.model.read(fh, offset, size)
+            d._reply_parts(req, [p.reply_header(req.unique, 0, len(data)), data])
+            return
+        fd = self.read_fd(fh)
+        if self.splice and self._splice(req, fd, offset, size):
+            return
+        n = os.preadv(fd, [self.view[:size]], offset)
+        d._reply_parts(req, [p.reply_header(req.unique, 0, n), self.view[:n]])
+
+    def _splice(self, req: Request, fd: int, offset: int, size: int) -> bool:
+        """Answer with splice; False: not done, nothing sent (read it the other way)."""
+        if self.pipe is None:
+            self.pipe = self._open_pipe()
+            if self.pipe is None:
+                return False
+        want = min(size, max(0, os.fstat(fd).st_size - offset))
+        if want == 0 or 2 + (offset + want - 1) // PAGE - offset // PAGE > self.slots:
+            return False  # nothing to move, or more pages than the pipe holds
+        r, w = self.pipe
+        try:
+            os.write(w, p.reply_header(req.unique, 0, want))
+            got = 0
+            while got < want:
+                n = os.splice(fd, w, want - got, offset_src=offset + got, flags=SPLICE_F_NONBLOCK)
+                if n == 0:
+                    break  # shorter than fstat said (truncated meanwhile)
+                got += n
+        except OSError as e:
+            log.debug("splice from the file failed (%s): reading it instead", e)
+            got = -1
+        if got != want:
+            self.close()  # the pipe holds a partial message: a fresh one next time
+            return False
+        try:
+            os.splice(r, self.d.dev_fd, p.OUT_HEADER.size + want)
+        except OSError as e:
+            self.close()  # whatever the device did not take is garbage now
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("splicing the reply to READ failed: %s", e)
+        self.d.stats["spliced_reads"] += 1
+        return True
+
+
 class Dispatcher:
     """Answers decoded requests from a ``UnionOps`` model (see the module docstring)."""
 
     def __init__(self, model: UnionOps, cache: CachePolicy | None = None, *,
                  notify: Callable[[bytes], None] | None = None,
-                 limiter: trio.CapacityLimiter | None = None) -> None:
+                 limiter: trio.CapacityLimiter | None = None, data_threads: int = 0,
+                 splice: bool = False) -> None:
         self.model = model
+        self.data_threads = data_threads
+        self.splice = splice
+        self._data: queue.SimpleQueue[Request | None] | None = None
+        self._data_pool: list[threading.Thread] = []
         self.cache = cache or CachePolicy()
         self.notify = notify or (lambda msg: None)
         self.limiter = limiter
+        if getattr(model, "readdir_can_count_lookups", False):
+            # pending entries are kept (not listed again): let the model count, sparing a
+            # ``lookup`` per READDIRPLUS entry
+            counting: Any = model
+            counting.readdir_counts_lookups = True
         self.counts_lookups = bool(getattr(model, "readdir_counts_lookups", False))
+        # a model that buffers nothing gets no FLUSH at close (FOPEN_NOFLUSH on every open)
+        self.flush_needed = bool(getattr(model, "flush_needed", True))
         self._drain: Callable[[], list[int]] | None = getattr(model, "drain_invalidations", None)
         self._backing_fd: Callable[[int], int | None] | None = getattr(model, "backing_fd", None)
+        # told (node id, immutable) of every entry sent (the session's reply cache)
+        self.on_entry: Callable[[int, bool], None] | None = None
         # negotiated at INIT (``configure``)
         self.dev_fd = -1
         self.passthrough = False
+        self.writeback = False
         self.setxattr_ext = False
         self._dirs: dict[int, _OpenDir] = {}
         self._next_dir = 0
@@ -196,7 +309,8 @@ class Dispatcher:
         self._io: dict[int, _IoMode] = {}
         self.stats: dict[str, int] = {"passthrough_opens": 0, "cached_opens": 0, "backing_opens": 0,
                                       "backing_failures": 0, "notifications": 0, "offloaded": 0,
-                                      "unexpected_errors": 0, "listings": 0}
+                                      "unexpected_errors": 0, "listings": 0, "data_requests": 0,
+                                      "spliced_reads": 0}
         self.inline: dict[int, Handler] = {
             p.Op.LOOKUP: self.lookup, p.Op.FORGET: self.forget, p.Op.BATCH_FORGET: self.batch_forget,
             p.Op.GETATTR: self.getattr, p.Op.READLINK: self.readlink, p.Op.SYMLINK: self.symlink,
@@ -213,11 +327,21 @@ class Dispatcher:
             p.Op.RENAME2: self.rename2, p.Op.SETXATTR: self.setxattr, p.Op.REMOVEXATTR: self.removexattr,
         }
 
-    def configure(self, dev_fd: int, *, passthrough: bool, setxattr_ext: bool) -> None:
+    def configure(self, dev_fd: int, *, passthrough: bool, setxattr_ext: bool, writeback: bool = False) -> None:
         """What INIT negotiated."""
         self.dev_fd = dev_fd
+        self.writeback = writeback
         self.passthrough = passthrough and self._backing_fd is not None
         self.setxattr_ext = setxattr_ext
+        if self.data_threads > 0 and self._data is None:
+            self._data = queue.SimpleQueue()
+            for i in range(self.data_threads):
+                t = threading.Thread(target=self._data_worker, name=f"fuse-data-{i}", daemon=True)
+                t.start()
+                self._data_pool.append(t)
+            for op in (p.Op.READ, p.Op.WRITE):
+                self.offloaded.pop(op, None)
+                self.inline[op] = self.queue_data
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -262,7 +386,10 @@ class Dispatcher:
 
     def entry(self, attr: Attr) -> bytes:
         t = self.timeout(attr)
-        return p.entry_out(self.node_of(attr), max(t, self.cache.entry), t, self.attr_fields(attr))
+        node = self.node_of(attr)
+        if self.on_entry is not None:
+            self.on_entry(node, attr.immutable)
+        return p.entry_out(node, max(t, self.cache.entry), t, self.attr_fields(attr))
 
     def _entry_reply(self, attr: Attr) -> Reply:
         node = self.node_of(attr)
@@ -281,6 +408,12 @@ class Dispatcher:
             return self.model.getattr(inode).immutable
         except Exception:  # only a caching hint: when in doubt, do not cache
             return False
+
+    def immutable(self, inode: int) -> bool:
+        """Whether what the model says about ``inode`` (attributes, xattrs) changes only
+        through a request that changes something (``Attr.immutable``; False when unknown):
+        the session's reply cache keeps answers about such nodes."""
+        return self._is_immutable(inode)
 
     # --- lookups and attributes ---------------------------------------------------------
 
@@ -531,7 +664,7 @@ class Dispatcher:
 
     async def open(self, req: Request) -> Answer:
         flags, _ = p.OPEN_IN.unpack_from(req.arg)
-        fh = await self._offload(self.model.open, req.nodeid, flags)  # may copy up
+        fh = await self._offload(self.model.open, req.nodeid, self._real_flags(flags))  # may copy up
         return self._open_reply(req.nodeid, fh, keep_cache=self._is_immutable(req.nodeid),
                                 readonly=flags & os.O_ACCMODE == os.O_RDONLY)
 
@@ -540,7 +673,7 @@ class Dispatcher:
         # name is refused) and copies up directories only, never file data
         flags, mode, umask, _ = p.CREATE_IN.unpack_from(req.arg)
         name = self._name(req.arg, p.CREATE_IN.size)
-        fh, attr = self.model.create(req.nodeid, name, mode, flags, self.ctx(req, umask))
+        fh, attr = self.model.create(req.nodeid, name, mode, self._real_flags(flags), self.ctx(req, umask))
         node = self.node_of(attr)
         opened = self._open_reply(node, fh, keep_cache=False, readonly=flags & os.O_ACCMODE == os.O_RDONLY)
         assert opened.undo is not None
@@ -551,6 +684,16 @@ class Dispatcher:
             self.model.forget(node, 1)
 
         return Reply(self.entry(attr) + opened.body, undo)
+
+    def _real_flags(self, flags: int) -> int:
+        """The open flags for the model. With the writeback cache the kernel reads pages of
+        write-only files (to fill partial pages) and places every write itself: the real
+        file is then opened read-write and without O_APPEND."""
+        if not self.writeback:
+            return flags
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags & ~os.O_APPEND
 
     def _open_reply(self, nodeid: int, fh: int, keep_cache: bool, readonly: bool) -> Reply:
         """The ``fuse_open_out`` of a new model handle: passthrough when it can be; a
@@ -571,7 +714,7 @@ class Dispatcher:
             flags = p.FOPEN_KEEP_CACHE if keep_cache else 0
         if mode is None:
             mode = self._io[nodeid] = _IoMode()
-        if readonly:
+        if readonly or not self.flush_needed:
             flags |= p.FOPEN_NOFLUSH
         if backing_id:
             mode.passthrough += 1
@@ -637,6 +780,46 @@ class Dispatcher:
         data = req.arg[p.WRITE_IN.size:p.WRITE_IN.size + size]
         written = await self._offload(self.model.write, fh, offset, data)
         return p.WRITE_OUT.pack(written, 0)
+
+    def queue_data(self, req: Request) -> Answer:
+        """READ and WRITE with ``data_threads``: handed to a data thread that serves and
+        answers them itself (no reply from the loop)."""
+        assert self._data is not None
+        self.stats["data_requests"] += 1
+        self._data.put(req)
+        return None
+
+    def _data_worker(self) -> None:
+        """A data thread: serves READ and WRITE and answers them itself; failures are
+        answered with their errno."""
+        reader = _Reader(self)
+        assert self._data is not None
+        get = self._data.get
+        try:
+            while (req := get()) is not None:
+                try:
+                    if req.opcode == p.Op.READ:
+                        reader.read(req)
+                        continue
+                    fh, offset, size = p.WRITE_IN.unpack_from(req.arg)[:3]
+                    written = self.model.write(fh, offset, req.arg[p.WRITE_IN.size:p.WRITE_IN.size + size])
+                    parts: list[bytes | memoryview] = [p.reply_header(req.unique, 0, p.WRITE_OUT.size),
+                                                       p.WRITE_OUT.pack(written, 0)]
+                except Exception as e:
+                    if not isinstance(e, (OSError, LayerfsError)):
+                        self.stats["unexpected_errors"] += 1
+                        log.error("%s failed unexpectedly; answering EIO", p.op_name(req.opcode), exc_info=e)
+                    parts = [p.reply_header(req.unique, -errno_of(e), 0)]
+                self._reply_parts(req, parts)
+        finally:
+            reader.close()
+
+    def _reply_parts(self, req: Request, parts: list[bytes | memoryview]) -> None:
+        try:
+            os.writev(self.dev_fd, parts)
+        except OSError as e:  # ENOENT: interrupted meanwhile; ENODEV: unmounted
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("reply to %s failed: %s", p.op_name(req.opcode), e)
 
     def flush(self, req: Request) -> Answer:
         self.model.flush(p.FLUSH_IN.unpack_from(req.arg)[0])
@@ -746,6 +929,12 @@ class Dispatcher:
 
     def close(self) -> None:
         """Release what the kernel left open (the connection is gone) and the backing ids."""
+        if self._data is not None:  # the data threads finish what they hold, then stop
+            for _ in self._data_pool:
+                self._data.put(None)
+            for t in self._data_pool:
+                t.join(5)
+            self._data_pool.clear()
         for fh in list(self._dirs):
             try:
                 self._drop_dir(fh)

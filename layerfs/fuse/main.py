@@ -13,8 +13,11 @@ protocol spoken on /dev/fuse by layerfs itself). Both serve the same model the s
 
 Lifecycle without ``-f``: the program forks; the child detaches (setsid, cwd ``/``, stdio on
 /dev/null or ``--log``), builds the model, mounts (``pyfuse3.init``; the kernel transport:
-mount(2) and the answer to the kernel's INIT) and only then reports "ok" through a pipe,
-so the parent exits 0 exactly when the mount is live (or 1 with the child's error). The
+mount(2), as libfuse's programs do: the kernel holds every request to the new mount until
+the daemon answers INIT) and only then reports "ok" through a pipe, so the parent exits 0
+exactly when the mount is live (or 1 with the child's error). On the kernel transport
+trio and the request loop are imported after that, off the mount time; a failure there
+unmounts again and is logged (``--log``). The
 child serves until the mount goes away (``umount``/``fusermount3 -u``) or it gets
 SIGTERM/SIGINT/SIGHUP (then it unmounts itself, lazily); either way the model's
 ``destroy()`` runs before it exits. Nothing is resolved through PATH: ``mount.fuse3`` and
@@ -28,8 +31,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
-import importlib.util
-import logging
 import os
 import resource
 import signal
@@ -37,17 +38,19 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from layerfs import __version__
+from layerfs import __version__, failpoint
 from layerfs.errors import LayerfsError, UsageError
-from layerfs.fuse import session as session_module
+from layerfs.fuse.connection import MountConfig, connect
 from layerfs.linux import fusedev
 from layerfs.mount.spec import split_lowerdir, split_options, unescape_path
 from layerfs.mount.users import check_upper_free
 from layerfs.union import whiteout
 from layerfs.union.api import UnionOps
+
+if TYPE_CHECKING:
+    import logging
 
 PROG = "layerfs-fuse"
 DEFAULT_MODEL = "layerfs.union.fs:UnionFS"
@@ -118,6 +121,11 @@ Program options:
   --dir-cache on|off
                   kernel transport: let the kernel cache directory listings (default on;
                   off re-lists every directory through the daemon, as pyfuse3 must)
+  --splice on|off kernel transport: answer READ by splicing the file's pages to /dev/fuse
+                  (default on; off reads them into a buffer and writes that)
+  --writeback on|off
+                  kernel transport: let the kernel cache writes (FUSE writeback cache;
+                  default off)
   --stats FILE    kernel transport: write request counters (JSON) to FILE on SIGUSR1 and
                   at exit (default ${STATS_ENV})
   -V, --version   print the version
@@ -148,31 +156,50 @@ REFUSED = {
 }
 
 
-@dataclass
 class Options:
-    """A parsed command line."""
+    """A parsed command line.
 
-    mountpoint: str
-    lowers: list[str]
-    upper: str | None = None
-    work: str | None = None
-    source: str | None = None
-    fsname: str | None = None
-    flags: list[str] = field(default_factory=list)  # kernel mount flags to pass on
-    userxattr: bool = False
-    layer_format: str | None = None  # a whiteout.FORMATS name: what the upper gets written in
-    volatile: bool = False  # no fsyncs of upper files, as the kernel option
-    timeout: float | None = None
-    foreground: bool = False
-    debug: bool = False
-    print_pid: bool = False
-    log: str | None = None
-    model: str = DEFAULT_MODEL
-    transport: str = DEFAULT_TRANSPORT
-    passthrough: str = "auto"
-    dir_cache: str = "on"
-    stats: str | None = None
-    warnings: list[str] = field(default_factory=list)
+    A plain class, not a dataclass: this module is on the mount path, and generating a
+    dataclass of this size costs ~2 ms of every mount."""
+
+    __slots__ = ("mountpoint", "lowers", "upper", "work", "source", "fsname", "flags", "userxattr",
+                 "layer_format", "volatile", "timeout", "foreground", "debug", "print_pid", "log", "model",
+                 "transport", "passthrough", "dir_cache", "splice", "writeback", "stats", "warnings")
+
+    def __init__(self, mountpoint: str, lowers: list[str], *, upper: str | None = None, work: str | None = None,
+                 source: str | None = None, fsname: str | None = None, flags: list[str] | None = None,
+                 userxattr: bool = False, layer_format: str | None = None, volatile: bool = False,
+                 timeout: float | None = None, foreground: bool = False, debug: bool = False,
+                 print_pid: bool = False, log: str | None = None, model: str = DEFAULT_MODEL,
+                 transport: str = DEFAULT_TRANSPORT, passthrough: str = "auto", dir_cache: str = "on",
+                 splice: str = "on", writeback: str = "off", stats: str | None = None,
+                 warnings: list[str] | None = None) -> None:
+        self.mountpoint = mountpoint
+        self.lowers = lowers
+        self.upper = upper
+        self.work = work
+        self.source = source
+        self.fsname = fsname
+        self.flags: list[str] = [] if flags is None else flags  # kernel mount flags to pass on
+        self.userxattr = userxattr
+        self.layer_format = layer_format  # a whiteout.FORMATS name: what the upper gets written in
+        self.volatile = volatile  # no fsyncs of upper files, as the kernel option
+        self.timeout = timeout
+        self.foreground = foreground
+        self.debug = debug
+        self.print_pid = print_pid
+        self.log = log
+        self.model = model
+        self.transport = transport
+        self.passthrough = passthrough
+        self.dir_cache = dir_cache
+        self.splice = splice
+        self.writeback = writeback
+        self.stats = stats
+        self.warnings: list[str] = [] if warnings is None else warnings
+
+    def __repr__(self) -> str:
+        return f"Options({', '.join(f'{k}={getattr(self, k)!r}' for k in self.__slots__)})"
 
     @property
     def readonly(self) -> bool:
@@ -189,7 +216,8 @@ def parse_args(argv: Sequence[str]) -> Options | str:
     flags: dict[str, Any] = {"foreground": False, "debug": False, "print_pid": False, "log": None,
                              "model": os.environ.get(MODEL_ENV) or DEFAULT_MODEL,
                              "transport": os.environ.get(TRANSPORT_ENV) or DEFAULT_TRANSPORT,
-                             "passthrough": "auto", "dir_cache": "on", "stats": os.environ.get(STATS_ENV) or None}
+                             "passthrough": "auto", "dir_cache": "on", "splice": "on", "writeback": "off",
+                             "stats": os.environ.get(STATS_ENV) or None}
     args = iter(argv)
     for arg in args:
         if arg in ("-h", "--help"):
@@ -211,7 +239,8 @@ def parse_args(argv: Sequence[str]) -> Options | str:
             pass
         elif arg == "--print-pid":
             flags["print_pid"] = True
-        elif arg in ("--log", "--model", "--transport", "--passthrough", "--dir-cache", "--stats"):
+        elif arg in ("--log", "--model", "--transport", "--passthrough", "--dir-cache", "--splice",
+                     "--writeback", "--stats"):
             value = next(args, None)
             if value is None:
                 raise UsageError(f"{arg} needs an argument")
@@ -231,6 +260,10 @@ def parse_args(argv: Sequence[str]) -> Options | str:
         raise UsageError(f"--passthrough {flags['passthrough']!r}: expected auto or off")
     if flags["dir_cache"] not in ("on", "off"):
         raise UsageError(f"--dir-cache {flags['dir_cache']!r}: expected on or off")
+    if flags["splice"] not in ("on", "off"):
+        raise UsageError(f"--splice {flags['splice']!r}: expected on or off")
+    if flags["writeback"] not in ("on", "off"):
+        raise UsageError(f"--writeback {flags['writeback']!r}: expected on or off")
     for key in ("log", "stats"):
         if flags[key] is not None:
             flags[key] = os.path.abspath(flags[key])  # the daemon runs in /
@@ -347,10 +380,12 @@ def load_model(spec: str) -> Callable[..., Any]:
         raise UsageError(f"--model {spec!r}: expected MODULE:CLASS or FILE.py:CLASS")
     try:
         if target.endswith(".py"):
-            mod_spec = importlib.util.spec_from_file_location(f"_layerfs_model_{os.getpid()}", target)
+            from importlib.util import module_from_spec, spec_from_file_location  # (only a model file)
+
+            mod_spec = spec_from_file_location(f"_layerfs_model_{os.getpid()}", target)
             if mod_spec is None or mod_spec.loader is None:
                 raise ImportError(f"cannot load {target}")
-            module = importlib.util.module_from_spec(mod_spec)
+            module = module_from_spec(mod_spec)
             sys.modules[mod_spec.name] = module  # dataclasses (and pickling) look classes up there
             mod_spec.loader.exec_module(module)
         else:
@@ -361,12 +396,34 @@ def load_model(spec: str) -> Callable[..., Any]:
     return cls
 
 
-def _layer_dir(path: str, what: str) -> str:
+def _realpath(path: str, parents: dict[str, str]) -> tuple[str, os.stat_result | None]:
+    """``os.path.realpath(path)``, resolving each parent directory once for all its children
+    (``parents`` remembers them): 500 layers side by side cost one lstat each, not a walk
+    of every component each. Also that lstat when the path is no symlink (it is the stat of
+    the resolved path then), else None."""
+    head, tail = os.path.split(path)
+    if not tail or tail in (".", ".."):
+        return os.path.realpath(path), None
+    parent = parents.get(head)
+    if parent is None:
+        parent = parents[head] = os.path.realpath(head)
+    candidate = os.path.join(parent, tail)
+    try:
+        st = os.lstat(candidate)
+        if not stat.S_ISLNK(st.st_mode):
+            return candidate, st
+    except OSError:
+        pass
+    return os.path.realpath(candidate), None  # a symlink (overlay/l/<id>), or missing: the plain way
+
+
+def _layer_dir(path: str, what: str, parents: dict[str, str] | None = None) -> str:
     """``path`` with its symlinks resolved, checked to be a directory (else LayerfsError)."""
-    real = os.path.realpath(path)
+    real, st = _realpath(path, {} if parents is None else parents)
     shown = path if real == path else f"{path} (-> {real})"
     try:
-        st = os.stat(real)
+        if st is None:
+            st = os.stat(real)
     except OSError as e:
         raise LayerfsError(f"{what} {shown}: {e.strerror or e}") from None
     if not stat.S_ISDIR(st.st_mode):
@@ -383,7 +440,8 @@ def resolve_layers(opts: Options) -> None:
     anything is mounted) a path that is missing or not a directory, and an upperdir and
     workdir that are not separate subtrees (the model empties ``WORKDIR/work``).
     """
-    opts.lowers = [_layer_dir(p, "lowerdir") for p in opts.lowers]
+    parents: dict[str, str] = {}
+    opts.lowers = [_layer_dir(p, "lowerdir", parents) for p in opts.lowers]
     if opts.upper is not None and opts.work is not None:
         opts.upper = _layer_dir(opts.upper, "upperdir")
         opts.work = _layer_dir(opts.work, "workdir")
@@ -480,16 +538,53 @@ def serve(opts: Options, ready: Readiness | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)
     if opts.transport == "kernel":
-        def on_ready() -> None:
-            if ready is not None:
-                ready.ok()
-            logging.getLogger(__name__).info("serving %s on %s", ":".join(opts.lowers), opts.mountpoint)
-
-        return session_module.serve(kernel_mount_config(opts, os.geteuid()), model, on_ready)
+        return _serve_kernel(opts, model, ready)
     return _serve_pyfuse3(opts, model, ready)
 
 
-def kernel_mount_config(opts: Options, euid: int) -> session_module.MountConfig:
+def _serve_kernel(opts: Options, model: UnionOps, ready: Readiness | None) -> int:
+    """``serve`` on the kernel transport: mount, report readiness, then import trio and serve.
+
+    Readiness is reported right after mount(2) (or fusermount3) succeeded, as libfuse's
+    programs do: the kernel holds every request to the new mount until INIT is answered, so
+    the caller may use the mount at once, and the ~0.2 s of importing trio and the request
+    loop is not part of the mount time. Anything that fails after that point (before the
+    loop runs) unmounts again and is logged (``--log``), since the caller is gone.
+    """
+    config = kernel_mount_config(opts, os.geteuid())
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a statistics request must never kill the daemon
+    try:
+        connection = connect(config)
+    except LayerfsError:
+        model.destroy()
+        raise
+    try:
+        if ready is not None:
+            ready.ok()
+        log = _setup_logging(opts)  # (not needed before: logging is imported off the mount time)
+        failpoint.hit("fuse.mounted")  # (tests: a stop signal here)
+        failpoint.fault("fuse.serve")  # (tests: a failure between the mount and the loop)
+        from layerfs.fuse import session as session_module  # trio: after the mount is live
+    except BaseException as e:
+        # nothing serves the connection: take the mount away before saying why
+        log = _setup_logging(opts)
+        try:
+            model.destroy()
+        finally:
+            connection.abandon()
+        if isinstance(e, SystemExit):
+            log.warning("stopped by a signal before serving %s: unmounted it", opts.mountpoint)
+        if isinstance(e, Exception) and not isinstance(e, (BrokenPipeError, LayerfsError)):
+            raise LayerfsError(f"cannot serve {opts.mountpoint} (unmounted it): {type(e).__name__}: {e}") from e
+        raise
+
+    def on_ready() -> None:
+        log.info("serving %s on %s", ":".join(opts.lowers), opts.mountpoint)
+
+    return session_module.serve(config, model, on_ready, connection=connection)
+
+
+def kernel_mount_config(opts: Options, euid: int) -> MountConfig:
     """How the kernel transport mounts ``opts``: as libfuse does, nosuid,nodev by default,
     as root ``dev``/``suid`` unless nodev/nosuid were asked for (mount(8) and kernel
     overlayfs default to dev,suid). A union without an upper is mounted read-only (kernel
@@ -508,10 +603,11 @@ def kernel_mount_config(opts: Options, euid: int) -> session_module.MountConfig:
     user = [f"fsname={_escape_fuse(fsname)}", f"subtype={PROG}", *options, *opts.flags]
     if opts.upper is None and "ro" not in opts.flags:
         user.append("ro")
-    return session_module.MountConfig(mountpoint=opts.mountpoint, source=fsname, subtype=PROG, flags=flags,
+    return MountConfig(mountpoint=opts.mountpoint, source=fsname, subtype=PROG, flags=flags,
                                       options=options, fusermount_options=user, timeout=opts.timeout,
                                       passthrough=opts.passthrough != "off",
-                                      dir_cache=opts.dir_cache == "on", debug=opts.debug, stats=opts.stats)
+                                      dir_cache=opts.dir_cache == "on", debug=opts.debug, stats=opts.stats,
+                                      splice=opts.splice == "on", writeback=opts.writeback == "on")
 
 
 def _serve_pyfuse3(opts: Options, model: UnionOps, ready: Readiness | None) -> int:
@@ -521,6 +617,7 @@ def _serve_pyfuse3(opts: Options, model: UnionOps, ready: Readiness | None) -> i
 
     from layerfs.fuse.ops import CachePolicy, UnionOperations
 
+    _setup_logging(opts)  # before libfuse and pyfuse3 say anything
     ops = UnionOperations(model, CachePolicy(mutable=opts.timeout if opts.timeout is not None else 1.0))
     said: list[str] = []
     try:
@@ -534,7 +631,7 @@ def _serve_pyfuse3(opts: Options, model: UnionOps, ready: Readiness | None) -> i
     try:
         if ready is not None:
             ready.ok()
-        logging.getLogger(__name__).info("serving %s on %s", ":".join(opts.lowers), opts.mountpoint)
+        _setup_logging(opts).info("serving %s on %s", ":".join(opts.lowers), opts.mountpoint)
         trio.run(_main_loop, signalled)
     except BaseException:
         signalled.append(0)
@@ -578,21 +675,33 @@ def _daemon_child(opts: Options, ready: Readiness) -> int:
             os.dup2(src, fd)
         for fd in {null, err} - {0, 1, 2}:
             os.close(fd)
-        _setup_logging(opts)
-        return serve(opts, ready)
+        return serve(opts, ready)  # logging is set up once the mount is live (_setup_logging)
     except LayerfsError as e:
+        if ready.fd is None:  # after "ok": nobody waits for the answer; the log says it
+            _setup_logging(opts).error("%s", e)
         ready.fail(str(e))
         return e.exit_code
     except BrokenPipeError:  # the parent died before it heard "ok": serve() unmounted
         return 1
+    except SystemExit as e:  # a stop signal before the loop's own handler (_stop): unmounted
+        if ready.fd is None:
+            return 0  # after "ok": stopped as asked
+        ready.fail(f"stopped by signal {e.code - 128 if isinstance(e.code, int) else e.code} before "
+                   f"{opts.mountpoint} was mounted")
+        return 1
     except BaseException as e:  # the parent must always hear why
-        logging.getLogger(__name__).exception("the daemon failed")
+        _setup_logging(opts).exception("the daemon failed")
         ready.fail(f"{type(e).__name__}: {e}")
         return 1
 
 
-def daemonize(opts: Options) -> int:
-    """Fork a serving child; return 0 once it reports the mount live, 1 with its error."""
+def daemonize(opts: Options, quick_exit: bool = False) -> int:
+    """Fork a serving child; return 0 once it reports the mount live, 1 with its error.
+
+    ``quick_exit``: the parent then ends with ``os._exit`` instead of returning, as it has
+    nothing of its own to clean up: tearing down the interpreter (~20 ms for the modules the
+    mount path imports) would add to the mount time of every caller that waits for us.
+    """
     ready_r, ready_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -613,23 +722,47 @@ def daemonize(opts: Options) -> int:
     if answer == "ok":
         if opts.print_pid:
             print(pid, flush=True)
-        return 0
+        return _parent_exit(0, quick_exit)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if answer.startswith("error "):
         sys.stderr.write(f"{PROG}: error: {answer[6:]}\n")
     else:
         sys.stderr.write(f"{PROG}: error: the daemon exited (status {code}) before {opts.mountpoint} was mounted\n")
-    return 2 if code == 2 else 1
+    return _parent_exit(2 if code == 2 else 1, quick_exit)
 
 
-def _setup_logging(opts: Options) -> None:
+def _parent_exit(code: int, quick_exit: bool) -> int:
+    """``code``, or (``quick_exit``) exit with it at once, once stdout and stderr are out."""
+    if quick_exit:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:  # a closed stdout: what the interpreter's exit would have said, as exit 120
+            os._exit(120)
+        os._exit(code)
+    return code
+
+
+_logger: logging.Logger | None = None
+
+
+def _setup_logging(opts: Options) -> logging.Logger:
+    """The program's logger, logging to stderr (once per process; imports logging)."""
+    import logging
+
+    global _logger
+    if _logger is not None:
+        return _logger
     logging.basicConfig(level=logging.DEBUG if opts.debug else logging.WARNING, stream=sys.stderr,
                         format=f"{PROG}[%(process)d] %(levelname)s %(name)s: %(message)s", force=True)
+    _logger = logging.getLogger(__name__)
+    return _logger
 
 
-def run(argv: Sequence[str]) -> int:
-    """The program, minus the final exit: returns the exit status."""
+def run(argv: Sequence[str], quick_exit: bool = False) -> int:
+    """The program, minus the final exit: returns the exit status (``quick_exit``: the
+    daemonizing parent exits itself, see ``daemonize``)."""
     try:
         parsed = parse_args(argv)
     except UsageError as e:
@@ -642,7 +775,7 @@ def run(argv: Sequence[str]) -> int:
     for warning in opts.warnings:
         sys.stderr.write(f"{PROG}: warning: {warning}\n")
     if not opts.foreground:
-        return daemonize(opts)
+        return daemonize(opts, quick_exit)
     _setup_logging(opts)
     try:
         if opts.print_pid:
@@ -658,7 +791,7 @@ def run(argv: Sequence[str]) -> int:
 
 def main() -> None:
     """Console entry point of ``layerfs-fuse``."""
-    raise SystemExit(run(sys.argv[1:]))
+    raise SystemExit(run(sys.argv[1:], quick_exit=True))
 
 
 if __name__ == "__main__":

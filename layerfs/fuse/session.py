@@ -8,17 +8,27 @@ the end of the connection. What to answer is ``layerfs.fuse.dispatch``'s busines
 bytes are ``layerfs.fuse.protocol``'s.
 
 INIT asks for what the kernel offers of: async reads, atomic O_TRUNC, big writes with
-``max_pages`` (``max_write`` 1 MiB), parallel dirops, readdirplus (auto), async direct
+``max_pages`` (``max_write`` 1 MiB less a page), parallel dirops, readdirplus (auto), async direct
 I/O, cached symlinks, POSIX ACLs (the kernel enforces them, as kernel overlayfs does, and
 caches them: ``ls -l`` asks the daemon for one xattr per entry instead of two), and
 passthrough when the daemon runs as root with CAP_SYS_ADMIN (``--passthrough off`` turns it
-off). Not: writeback cache (off for now), export support, splice, locks (the kernel then
-keeps POSIX and BSD locks local, as with pyfuse3). The negotiated minor is the kernel's,
-capped at ``protocol.KERNEL_MINOR``. As root, once INIT is answered, the mount's readahead
-window is raised to one ``max_write`` (``fusedev.set_readahead``).
+off). Not: writeback cache (``--writeback on`` asks for it: a measured lever, off by
+default, since it excludes passthrough), export support, locks (the kernel then keeps POSIX
+and BSD locks local, as with pyfuse3). The negotiated minor is the kernel's, capped at
+``protocol.KERNEL_MINOR``. ``max_write`` is one page short of 1 MiB, so that a READ reply
+fits a default-sized pipe and is spliced (``dispatch``; ``--splice off``: never). As root,
+once INIT is answered, the mount's readahead window is raised to one ``max_write``
+(``fusedev.set_readahead``). READ and WRITE go to ``DATA_THREADS`` threads of the
+dispatcher that answer them themselves.
 
 The loop (one trio task) reads a request at a time into one reusable buffer, counts it per
-opcode, and answers cheap requests at once; requests that may block on disk (see
+opcode, and answers cheap requests at once. Answers that cannot change until a request
+changes something -- GETATTR, GETXATTR and LISTXATTR of an immutable node (a lower-only
+entry, ``Attr.immutable``) -- are kept encoded (``ReplyCache``) and sent again straight from
+the loop, without decoding the request or asking the model: ``ls -l`` asks for
+``security.selinux`` of every entry it shows, every time. The cache is dropped whole when
+a request that may change anything arrives and again when it has been answered (see
+``ReplyCache``), and a node's answers when the kernel forgets it; requests that may block on disk (see
 ``dispatch``) get a task of their own that waits for a worker thread, so a slow copy-up
 never stalls the loop. INTERRUPT cancels a request still waiting for its thread (answered
 EINTR); one already running finishes and is answered normally. A reply the kernel refuses
@@ -42,15 +52,16 @@ import os
 import queue
 import select
 import signal
+import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from layerfs.errors import LayerfsError
 from layerfs.fuse import protocol as p
+from layerfs.fuse.connection import Connection, MountConfig, connect
 from layerfs.fuse.dispatch import Answer, AsyncHandler, CachePolicy, Dispatcher, Reply, Request, errno_of
 from layerfs.linux import fusedev
 from layerfs.linux.proc import in_initial_userns
@@ -59,7 +70,9 @@ from layerfs.union.api import UnionOps
 log = logging.getLogger(__name__)
 
 PAGE = os.sysconf("SC_PAGESIZE")
-MAX_WRITE = 1 << 20
+# one page short of 1 MiB: a READ reply (header page + data pages) then fits a pipe of the
+# default /proc/sys/fs/pipe-max-size (1 MiB, 256 pages), so it can be spliced (``dispatch``)
+MAX_WRITE = (1 << 20) - PAGE
 MAX_PAGES = MAX_WRITE // PAGE
 # a WRITE of max_write bytes plus its header and argument, with room to spare
 BUFFER_SIZE = MAX_WRITE + 2 * PAGE
@@ -67,6 +80,9 @@ MAX_BACKGROUND = 32
 CONGESTION_THRESHOLD = 24
 MAX_STACK_DEPTH = 1  # backing files on plain filesystems; the mount itself stays stackable
 THREADS = 32
+# threads that serve READ and WRITE start to finish, reply included (``Dispatcher.queue_data``):
+# no trio task or thread hand-off per request, file data read into a reusable buffer
+DATA_THREADS = 4
 # INIT flags asked for (those the kernel offers); PASSTHROUGH is added when allowed
 WANTED = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.PARALLEL_DIROPS | p.MAX_PAGES
           | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.ASYNC_DIO | p.CACHE_SYMLINKS | p.INIT_EXT | p.POSIX_ACL)
@@ -77,6 +93,71 @@ _RETRY = (errno.EINTR, errno.EAGAIN, errno.ENOENT)
 # (ls -l: stat, then getxattr; create, write, close), and a plain poll(2) costs a fraction of
 # a trio wait (epoll re-arm, scheduler pass, task switch) -- the largest per-request cost
 QUICK_WAIT_MS = 1
+OPCODES = 64  # request counters kept per opcode below this (higher ones share the last)
+# the part of fuse_in_header the loop reads itself: opcode unique nodeid (at offset 4)
+_HEAD = struct.Struct("<IQQ")
+
+
+class ReplyCache:
+    """Encoded answers about immutable nodes, for the loop to send again unchanged.
+
+    Keyed by node id, then by the request's argument bytes (GETXATTR: the size asked for and
+    the name; LISTXATTR: the size; GETATTR: nothing -- its handle does not matter for a node
+    whose attributes cannot change). An answer is kept only for a node the dispatcher calls
+    immutable: what the model says about it (attributes, xattrs) changes only through a
+    request that changes something (a copy-up, setattr, setxattr, a new link ...), never
+    behind our back. So every request not in ``READ_ONLY`` drops the whole cache when it is
+    read and again once it is answered (a change served in a worker thread: answers
+    computed meanwhile may be of the state before it); FORGET drops the node's answers (its
+    id may name another node later). Whether a node is immutable is asked of the dispatcher
+    once per node between drops, or learnt for free from the entries it sends (``seen``).
+    """
+
+    OPS = frozenset({p.Op.GETATTR, p.Op.GETXATTR, p.Op.LISTXATTR})
+    # requests that never change what the model reports about any node
+    READ_ONLY = frozenset({p.Op.LOOKUP, p.Op.FORGET, p.Op.BATCH_FORGET, p.Op.GETATTR, p.Op.READLINK,
+                           p.Op.STATFS, p.Op.GETXATTR, p.Op.LISTXATTR, p.Op.OPENDIR, p.Op.READDIR,
+                           p.Op.READDIRPLUS, p.Op.RELEASEDIR, p.Op.FSYNCDIR, p.Op.ACCESS, p.Op.READ,
+                           p.Op.FLUSH, p.Op.RELEASE, p.Op.FSYNC, p.Op.INTERRUPT, p.Op.INIT, p.Op.DESTROY})
+    # errors that are answers about the node (no such attribute, buffer too small)
+    ERRORS = frozenset({errno.ENODATA, errno.ERANGE})
+
+    __slots__ = ("nodes", "verdicts", "hits", "drops")
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, dict[bytes, tuple[int, bytes]]] = {}  # node id -> {argument bytes: (error, body)}
+        self.verdicts: dict[int, bool] = {}  # node id -> immutable
+        self.hits = 0
+        self.drops = 0
+
+    @staticmethod
+    def key(opcode: int, arg: bytes | memoryview) -> bytes:
+        return b"" if opcode == p.Op.GETATTR else bytes(arg)
+
+    def drop(self) -> None:
+        if self.nodes or self.verdicts:
+            self.nodes = {}
+            self.verdicts = {}
+            self.drops += 1
+
+    def forget(self, nodeid: int) -> None:
+        self.nodes.pop(nodeid, None)
+        self.verdicts.pop(nodeid, None)
+
+    def seen(self, nodeid: int, immutable: bool) -> None:
+        """The dispatcher sent an entry of ``nodeid`` (it knew then whether it is immutable)."""
+        self.verdicts[nodeid] = immutable
+
+    def store(self, nodeid: int, opcode: int, arg: bytes, error: int, body: bytes,
+              immutable: Callable[[int], bool]) -> None:
+        verdict = self.verdicts.get(nodeid)
+        if verdict is None:
+            verdict = self.verdicts[nodeid] = immutable(nodeid)
+        if verdict:
+            answers = self.nodes.get(nodeid)
+            if answers is None:
+                answers = self.nodes[nodeid] = {}
+            answers[self.key(opcode, arg)] = (error, body)
 
 
 class Notifier:
@@ -114,11 +195,14 @@ class Session:
         self.fd = fd
         self.dispatcher = dispatcher
         self.want_passthrough = passthrough
+        self.want_writeback = False  # FUSE_WRITEBACK_CACHE (``--writeback on``; off by default)
         self.debug = debug
         self.stats_path = stats_path
         self.on_ready = on_ready
         self.on_stop = on_stop  # detaches the mount (called on a stop signal)
-        self.counts: dict[str, int] = {}
+        self.counts = [0] * OPCODES  # requests read, per opcode (the last slot: opcodes beyond)
+        self.cache = ReplyCache()
+        dispatcher.on_entry = self.cache.seen
         self.negotiated: dict[str, Any] = {}
         self.initialized = False
         self.unmounted = False  # the kernel ended the connection (ENODEV)
@@ -151,9 +235,17 @@ class Session:
         quick = select.poll()
         quick.register(fd, select.POLLIN)
         since_checkpoint = 0
+        cache = self.cache
+        cached_ops = () if self.debug else ReplyCache.OPS
+        counts = self.counts
+        head = _HEAD.unpack_from
+        out_header = p.OUT_HEADER.pack
+        in_size = p.IN_HEADER.size
+        readv, writev = os.readv, os.writev
+        bufs = [buf]
         while True:
             try:
-                n = os.readv(fd, [buf])
+                n = readv(fd, bufs)
             except BlockingIOError:
                 # only while no task waits for a thread (its reply would wait for us), and at
                 # most QUICK_WAIT_MS: signals and the rest of trio wait no longer than that
@@ -169,9 +261,25 @@ class Session:
                 if e.errno in _RETRY:
                     continue
                 raise
-            if n < p.IN_HEADER.size:
+            if n < in_size:
                 log.error("short read from /dev/fuse (%d bytes)", n)
                 continue
+            if cache.nodes:
+                opcode, unique, nodeid = head(buf, 4)
+                if opcode in cached_ops:
+                    answers = cache.nodes.get(nodeid)
+                    hit = answers.get(ReplyCache.key(opcode, view[in_size:n])) if answers else None
+                    if hit is not None:
+                        counts[opcode] += 1
+                        cache.hits += 1
+                        error, body = hit
+                        if error:
+                            self.errors += 1
+                        try:
+                            writev(fd, [out_header(16 + len(body), error, unique), body])
+                        except OSError as e:
+                            self._reply_failed_op(opcode, e)
+                        continue
             self._handle(view, n)
             since_checkpoint += 1
             # let requests whose worker thread finished send their replies
@@ -183,11 +291,19 @@ class Session:
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = p.IN_HEADER.unpack_from(view)
         end = min(length, n) - extlen * 8
         req = Request(unique, opcode, nodeid, uid, gid, pid, bytes(view[p.IN_HEADER.size:end]))
-        name = p.op_name(opcode)
-        self.counts[name] = self.counts.get(name, 0) + 1
+        self.counts[opcode if opcode < OPCODES else OPCODES - 1] += 1
         if self.debug:
-            log.debug("%s unique=%d node=%d uid=%d pid=%d (%d bytes)", name, unique, nodeid, uid, pid,
-                      len(req.arg))
+            log.debug("%s unique=%d node=%d uid=%d pid=%d (%d bytes)", p.op_name(opcode), unique, nodeid, uid,
+                      pid, len(req.arg))
+        cache = self.cache
+        if opcode not in ReplyCache.READ_ONLY:
+            cache.drop()
+        elif opcode == p.Op.FORGET:
+            cache.forget(nodeid)
+        elif opcode == p.Op.BATCH_FORGET and cache.nodes:
+            count = p.BATCH_FORGET_IN.unpack_from(req.arg)[0]
+            for i in range(min(count, (len(req.arg) - p.BATCH_FORGET_IN.size) // p.FORGET_ONE.size)):
+                cache.forget(p.FORGET_ONE.unpack_from(req.arg, p.BATCH_FORGET_IN.size + i * p.FORGET_ONE.size)[0])
         d = self.dispatcher
         if not self.initialized:
             if opcode == p.Op.INIT:
@@ -201,9 +317,19 @@ class Session:
                 answer = handler(req)
             except Exception as e:
                 d.after(opcode)
+                if opcode in ReplyCache.OPS:
+                    err = errno_of(e)
+                    if err in ReplyCache.ERRORS and isinstance(e, (OSError, LayerfsError)):
+                        cache.store(nodeid, opcode, req.arg, -err, b"", d.immutable)
+                elif opcode not in ReplyCache.READ_ONLY:
+                    cache.drop()
                 self._failed(req, e)
             else:
                 d.after(opcode)
+                if opcode in ReplyCache.OPS and isinstance(answer, bytes):
+                    cache.store(nodeid, opcode, req.arg, 0, answer, d.immutable)
+                elif opcode not in ReplyCache.READ_ONLY:
+                    cache.drop()
                 self._send(req, answer)
             return
         slow = d.offloaded.get(opcode)
@@ -228,15 +354,18 @@ class Session:
             except Exception as e:
                 self._pending.pop(req.unique, None)
                 self.dispatcher.after(req.opcode)
+                self.cache.drop()  # answers computed while it ran may be of the state before it
                 self._failed(req, e)
             else:
                 self._pending.pop(req.unique, None)
                 self.dispatcher.after(req.opcode)
+                self.cache.drop()
                 self._send(req, answer)
             finally:
                 self._pending.pop(req.unique, None)
                 self._slow -= 1
         if scope.cancelled_caught:
+            self.cache.drop()
             self.interrupted += 1
             self._error(req, errno.EINTR)
 
@@ -283,9 +412,13 @@ class Session:
         self._error(req, errno_of(exc))
 
     def _reply_failed(self, req: Request, exc: OSError) -> None:
+        self._reply_failed_op(req.opcode, exc)
+
+    @staticmethod
+    def _reply_failed_op(opcode: int, exc: OSError) -> None:
         # ENOENT: the request was interrupted or aborted meanwhile; ENODEV: unmounted
         if exc.errno not in (errno.ENOENT, errno.ENODEV):
-            log.error("reply to %s failed: %s", p.op_name(req.opcode), exc)
+            log.error("reply to %s failed: %s", p.op_name(opcode), exc)
 
     # --- INIT -------------------------------------------------------------------------------
 
@@ -305,6 +438,8 @@ class Session:
             return
         minor = min(minor, p.KERNEL_MINOR)
         want = WANTED | (p.PASSTHROUGH if self.want_passthrough else 0)
+        if self.want_writeback:
+            want |= p.WRITEBACK_CACHE
         granted = flags & want
         passthrough = bool(granted & p.PASSTHROUGH)
         readahead = min(max_readahead, MAX_WRITE)
@@ -313,7 +448,8 @@ class Session:
                                MAX_STACK_DEPTH if passthrough else 0)
         if minor < 23:
             body = body[:24]  # FUSE_COMPAT_22_INIT_OUT_SIZE
-        self.dispatcher.configure(self.fd, passthrough=passthrough, setxattr_ext=False)
+        self.dispatcher.configure(self.fd, passthrough=passthrough, setxattr_ext=False,
+                                  writeback=bool(granted & p.WRITEBACK_CACHE))
         self.negotiated = {"major": major, "minor": minor, "offered": p.flag_names(flags),
                            "granted": p.flag_names(granted), "max_write": MAX_WRITE, "max_readahead": readahead,
                            "passthrough": passthrough}
@@ -345,8 +481,10 @@ class Session:
                 return
 
     def statistics(self) -> dict[str, Any]:
-        return {"transport": "kernel", "pid": os.getpid(), "requests": dict(sorted(self.counts.items())),
+        requests = {p.op_name(op) if op < OPCODES - 1 else "OTHER": n for op, n in enumerate(self.counts) if n}
+        return {"transport": "kernel", "pid": os.getpid(), "requests": dict(sorted(requests.items())),
                 "errors": self.errors, "interrupted": self.interrupted, "init": self.negotiated,
+                "cached_replies": self.cache.hits, "reply_cache_drops": self.cache.drops,
                 **self.dispatcher.stats}
 
     def write_stats(self) -> None:
@@ -366,64 +504,29 @@ class Session:
 # --- the program's side -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MountConfig:
-    """What to mount and how (``layerfs.fuse.main`` makes it from the command line)."""
-
-    mountpoint: str  # a directory, or /dev/fd/N: a device fd its caller mounted (libfuse's convention)
-    source: str  # the mount's source in mountinfo (fsname)
-    subtype: str  # the type is fuse.SUBTYPE
-    flags: int  # mount(2) flags (MS_*), as root
-    options: list[str]  # FUSE's own mount options, as root (default_permissions, allow_other)
-    fusermount_options: list[str]  # everything for fusermount3 -o, unprivileged
-    timeout: float | None = None  # attribute cache of changeable entries (None: the default)
-    passthrough: bool = True  # use FUSE passthrough where allowed (root with CAP_SYS_ADMIN)
-    dir_cache: bool = True  # directory listings cached in the kernel (off: every readdir reaches us)
-    debug: bool = False  # log every request
-    stats: str | None = None  # the request counters' file
-
-
-def serve(config: MountConfig, model: UnionOps, on_ready: Callable[[], None] | None = None) -> int:
+def serve(config: MountConfig, model: UnionOps, on_ready: Callable[[], None] | None = None,
+          connection: Connection | None = None) -> int:
     """Mount ``config.mountpoint`` on a new FUSE connection, serve ``model`` until unmounted.
 
-    ``on_ready`` runs once the kernel's INIT is answered (the mount is live and answering).
-    The model is destroyed before this returns, whatever happened.
+    ``connection``: already mounted by the caller (``layerfs.fuse.connection.connect``),
+    which may have reported the mount live meanwhile. ``on_ready`` runs once the kernel's
+    INIT is answered. The model is destroyed before this returns, whatever happened.
     """
     euid = os.geteuid()
-    target = config.mountpoint
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a statistics request must never kill the daemon
-    premounted = target.startswith("/dev/fd/")
-    real_target = target if premounted else os.path.realpath(target)  # after the mount, a lookup would ask us
-    try:
-        if premounted:
-            fd = int(target[len("/dev/fd/"):])
-            os.fstat(fd)
-            os.set_blocking(fd, False)
-        elif euid == 0:
-            fd = fusedev.open_device()
-            try:
-                fusedev.mount_fuse(fd, target, source=config.source, subtype=config.subtype, flags=config.flags,
-                                   options=config.options)
-            except BaseException:
-                os.close(fd)
-                raise
-        else:
-            fd = fusedev.fusermount_mount(target, config.fusermount_options)
-    except (OSError, ValueError) as e:
-        model.destroy()
-        raise LayerfsError(f"cannot mount on {target}: {e}") from e
-
-    def detach() -> None:
-        if premounted:
-            return  # no path to unmount: closing the device ends the connection
-        if euid == 0:
-            fusedev.detach(target)
-        else:
-            fusedev.fusermount_unmount(target, lazy=True)
+    if connection is None:
+        try:
+            connection = connect(config)
+        except LayerfsError:
+            model.destroy()
+            raise
+    fd, target, real_target, premounted = connection.fd, connection.target, connection.real_target, \
+        connection.premounted
+    detach = connection.detach
 
     if euid == 0 and not premounted:
         # the kernel's readahead for FUSE is 128 KiB whatever INIT says; a window of one
-        # max_write lets a sequential read arrive in 1 MiB requests (8x fewer round trips)
+        # max_write lets a sequential read arrive in requests of ~1 MiB (8x fewer round trips)
         inner = on_ready
 
         def on_ready() -> None:
@@ -435,11 +538,13 @@ def serve(config: MountConfig, model: UnionOps, on_ready: Callable[[], None] | N
     notifier = Notifier(fd)
     cache = CachePolicy(mutable=config.timeout if config.timeout is not None else 1.0,
                         cache_dirs=config.dir_cache, zero_message_opendir=config.dir_cache)
-    dispatcher = Dispatcher(model, cache, notify=notifier.send, limiter=None)
+    dispatcher = Dispatcher(model, cache, notify=notifier.send, limiter=None, data_threads=DATA_THREADS,
+                            splice=config.splice)
     # passthrough (BACKING_OPEN) needs CAP_SYS_ADMIN in the initial user namespace, not a child one's
     want_passthrough = config.passthrough and euid == 0 and fusedev.has_cap_sys_admin() and in_initial_userns()
     session = Session(fd, dispatcher, passthrough=want_passthrough, debug=config.debug, stats_path=config.stats,
                       on_ready=on_ready, on_stop=detach)
+    session.want_writeback = config.writeback
     try:
         trio.run(_run, session)
     finally:

@@ -21,12 +21,12 @@ import ctypes
 import errno
 import fcntl
 import os
-import socket
 import struct
-import subprocess
 
 from layerfs.linux.libc import check, libc
-from layerfs.linux.mountinfo import mount_table
+
+# socket, subprocess and the mount table are imported where they are used (fusermount3,
+# readahead): a mount as root needs none of them, and importing them costs ~15 ms of its time
 
 DEVICE = "/dev/fuse"
 FUSERMOUNT = ("/usr/bin/fusermount3", "/bin/fusermount3")
@@ -99,6 +99,9 @@ def fusermount_mount(target: str, options: list[str]) -> int:
     fusermount3 opens /dev/fuse, mounts it with ``options`` (it adds fd, rootmode, user_id
     and group_id itself) and sends the fd back over the socket named by ``_FUSE_COMMFD``.
     """
+    import socket
+    import subprocess
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         env = {"_FUSE_COMMFD": str(theirs.fileno()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -124,6 +127,8 @@ def fusermount_mount(target: str, options: list[str]) -> int:
 
 def fusermount_unmount(target: str, lazy: bool = True) -> None:
     """Unmount a FUSE mount made by this user (``fusermount3 -u [-z]``)."""
+    import subprocess
+
     args = [fusermount_path(), "-u", *(["-z"] if lazy else []), "--", target]
     proc = subprocess.run(args, capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
     if proc.returncode != 0:
@@ -163,6 +168,8 @@ def set_readahead(mountpoint: str, kib: int) -> bool:
     to ``kib`` KiB through ``/sys/class/bdi/MAJOR:MINOR/read_ahead_kb``; False when it
     cannot (not root, no such mount, no sysfs). Reads the mount table only: it never touches
     the mount itself, so a daemon may call it for its own mount from its serving loop."""
+    from layerfs.linux.mountinfo import mount_table
+
     entries = [e for e in mount_table() if e.mount_point == mountpoint and e.fs_type.startswith("fuse")]
     if not entries:
         return False

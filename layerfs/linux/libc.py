@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 
 # The new mount API got one number on every architecture (asm-generic, x86_64 included);
 # getdents64 predates that and differs.
@@ -30,6 +29,8 @@ libc.unshare.argtypes = [ctypes.c_int]
 
 def syscall_number(name: str) -> int:
     """The number of ``name`` on this machine; OSError(ENOSYS) on an architecture we lack."""
+    import platform  # (here: off the import of every layerfs.linux module)
+
     table = _SYSCALLS.get(platform.machine())
     if table is None:
         raise OSError(errno.ENOSYS, f"layerfs knows no syscall numbers for {platform.machine()}")

@@ -78,6 +78,10 @@ class DirHandle:
 
 
 class UnionCore:
+    # whether ``flush`` has work to do: data goes straight to the real file, so no (an
+    # adapter may then tell the kernel not to send FLUSH at close: FOPEN_NOFLUSH)
+    flush_needed = False
+
     def __init__(self, lowers: Sequence[str], upper: str | None = None, work: str | None = None,
                  fmt: LayerFormat | None = None, volatile: bool = False) -> None:
         if isinstance(lowers, str | bytes):
@@ -706,6 +710,18 @@ class UnionCore:
         fd = os.open(node.lower.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                      dir_fd=self._lowers.fd(node.lower.dir))
         return fd, False
+
+    def read_fd(self, fh: int) -> int:
+        """The fd that ``read(fh, ...)`` reads now (the upper copy once the file was
+        copied up), for an adapter that moves the data itself (``preadv`` into a buffer of
+        its own, ``splice``). It stays valid until ``release(fh)``. Not part of
+        ``UnionOps`` (an optional fast path)."""
+        h = self._fhs.get(fh)
+        if h is None:
+            raise oserror(errno.EBADF, "no such file handle")
+        if not h.upper and h.gen != h.node.gen:
+            self._refresh(h)
+        return h.fd
 
     def _refresh(self, h: FileHandle) -> None:
         """A read-only handle opened on the lower file, after the file was copied up: read

@@ -50,6 +50,12 @@ class UnionFS(NamespaceOps):
     """A union of ``lowers`` (top first), writable into ``upper`` (with ``work``), or
     read-only (every change fails with EROFS) without them."""
 
+    # ``readdir`` counts one lookup per entry it returns when this is true (see
+    # ``layerfs.union.api``): set by an adapter that keeps the entries the kernel has no room
+    # for (``layerfs.fuse.dispatch``), which then needs no ``lookup`` per entry it sends
+    readdir_counts_lookups = False
+    readdir_can_count_lookups = True
+
     # --- lookups and attributes ---------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes) -> Attr:
@@ -183,6 +189,8 @@ class UnionFS(NamespaceOps):
                 if child not in dh.pinned:
                     child.pins += 1
                     dh.pinned.add(child)
+                if self.readdir_counts_lookups:
+                    child.nlookup += 1
                 out.append(DirEntry(name, attr, i))
             return out
 

@@ -43,7 +43,8 @@ import errno
 import os
 import sys
 from collections.abc import Callable
-from typing import Literal
+from types import MappingProxyType
+from typing import Literal, cast
 
 from layerfs.union.api import ROOT_INODE
 from layerfs.union.dirindex import LowerDir, LowerHit
@@ -52,13 +53,16 @@ from layerfs.union.xattrs import MISSING
 
 FRESH_BASE = 1 << 63
 DEV_SHIFT = 48
+# the children of every non-directory: one shared empty mapping (a write to it raises), as
+# most nodes are files and an empty dict each costs 64 bytes
+_NO_CHILDREN = cast("dict[bytes, Node]", MappingProxyType({}))
 
 
 class Node:
     """One union object. Mutated only under the model's lock."""
 
     __slots__ = ("number", "kind", "links", "nlookup", "pins", "children", "upper", "lower",
-                 "chain", "opaque", "redirect", "dead", "busy", "gen", "backing", "upper_wh", "handles",
+                 "chain", "opaque", "redirect", "dead", "busy", "gen", "backing", "upper_wh", "_handles",
                  "lower_key", "indexed")
 
     def __init__(self, kind: int, parent: Node | None, name: bytes) -> None:
@@ -68,7 +72,8 @@ class Node:
         self.links: list[tuple[Node, bytes]] = [] if parent is None else [(parent, name)]
         self.nlookup = 0
         self.pins = 0  # open file and directory handles, readdir snapshots
-        self.children: dict[bytes, Node] = {}  # directories: nodes of looked-up children
+        # directories: nodes of looked-up children
+        self.children: dict[bytes, Node] = {} if kind == 0o040000 else _NO_CHILDREN
         self.upper = False  # exists in the upper layer (under its parent's upper directory)
         self.lower: LowerHit | None = None  # where the lowers provide it
         self.chain: tuple[LowerDir, ...] = ()  # directories: lower dirs merging into it
@@ -79,10 +84,19 @@ class Node:
         self.gen = 0  # bumped by copy-up: read-only handles on the lower reopen the upper
         self.backing: tuple[int, int] | None = None  # upper non-directories: real (st_dev, st_ino)
         self.upper_wh: bool | None = None  # directories: the upper dir may hold .wh.* files
-        self.handles: set[int] = set()  # open file handles (getattr of an unlinked file)
+        self._handles: set[int] | None = None  # see ``handles``
         # lower non-directories with several links, not copied up: the lower (st_dev, st_ino)
         self.lower_key: tuple[int, int] | None = None
         self.indexed = False  # upper non-directories: one of the real file's links is our index's
+
+    @property
+    def handles(self) -> set[int]:
+        """Open file handles (getattr of an unlinked file); made at first use, as most
+        nodes are never opened (an empty set costs 216 bytes)."""
+        h = self._handles
+        if h is None:
+            h = self._handles = set()
+        return h
 
     @property
     def parent(self) -> Node | None:

@@ -70,7 +70,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 
 from layerfs.errors import UnsafeArchive
@@ -169,6 +168,8 @@ def default_format(directory: str | None = None) -> LayerFormat:
     """
     if directory is None:
         return PRIVILEGED if os.geteuid() == 0 and in_initial_userns() else USERXATTR
+    import tempfile  # (here: a mount, which never probes, need not import it)
+
     probe = tempfile.mkdtemp(prefix=".layerfs-format-", dir=directory)
     try:
         if _can_set(probe, PRIVILEGED.opaque_xattr):

@@ -307,8 +307,8 @@ class ModelFacade(Facade):
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         with self._op():
             op, oname = self._parent_of(old)
+            np, nname = self._parent_of(new)  # do_renameat2(): both parents before either name
             src = self._lookup(op, oname)
-            np, nname = self._parent_of(new)
             dst = self._child_or_none(np, nname)
             if flags & RENAME_NOREPLACE and dst is not None:
                 raise OSError(errno.EEXIST, "exists", new)

@@ -35,6 +35,7 @@ import pytest
 from layerfs.errors import UsageError
 from layerfs.fuse import main as fuse_main
 from layerfs.fuse import protocol as p
+from layerfs.fuse import session
 from layerfs.fuse.dispatch import Answer, CachePolicy, Dispatcher, Reply, Request
 from layerfs.linux.mountinfo import mount_table
 from layerfs.union.api import Attr, Ctx, DirEntry, SetAttr
@@ -134,6 +135,13 @@ class CountingFS(UnionFS):
 
     def lookup(self, parent: int, name: bytes) -> Attr:
         return self._count(super().lookup(parent, name))
+
+    def readdir(self, fh: int, offset: int) -> list[DirEntry]:
+        entries = super().readdir(fh, offset)
+        if self.readdir_counts_lookups:  # the model counted one lookup per entry returned
+            for e in entries:
+                self._count(e.attr)
+        return entries
 
     def forget(self, inode: int, nlookup: int) -> None:
         self.counts[inode] = self.counts.get(inode, 0) - nlookup
@@ -417,7 +425,8 @@ def test_sequential_reads_arrive_in_large_requests(tmp_path: Path, daemons: Daem
     (lower / "big").write_bytes(data)
     d = daemons.mount([lower], upper=True)
     dev = os.stat(d.mountpoint).st_dev
-    assert Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text().strip() == "1024"
+    window = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read_text().strip()
+    assert window == str(session.MAX_WRITE // 1024)  # 1020: one page short of 1 MiB (splice)
     before = d.requests()
     assert (d.mountpoint / "big").read_bytes() == data
     reads = delta(d.requests(), before, "READ")["READ"]
@@ -653,3 +662,49 @@ def test_an_interrupted_open_is_undone(tmp_path: Path, daemons: Daemons) -> None
     with pytest.raises(OSError) as e:
         os.getxattr(d.mountpoint / "f", "user.none")
     assert e.value.errno == errno.ENODATA
+
+
+@needs_fuse
+def test_answers_about_lower_files_come_from_the_reply_cache_until_a_change(tmp_path: Path,
+                                                                           daemons: Daemons) -> None:
+    """``ls -l`` asks the daemon for ``security.selinux`` of every entry, every time: a warm
+    listing is answered from the session's reply cache, and a change through the mount
+    (setxattr and removexattr copy up, chmod) is seen by the very next request."""
+    lower = tmp_path / "lower"
+    (lower / "d").mkdir(parents=True)
+    for i in range(20):
+        (lower / "d" / f"f{i:02d}").write_text(f"{i}\n")
+    try:
+        os.setxattr(lower / "d" / "f00", "user.color", b"blue")
+    except OSError:
+        pytest.skip("the test directory's filesystem has no user xattrs")
+    d = daemons.mount([lower], upper=True)
+    f = d.mountpoint / "d" / "f00"
+
+    def ls() -> str:
+        return subprocess.run(["/usr/bin/ls", "-l", str(d.mountpoint / "d")], capture_output=True, text=True,
+                              check=True).stdout
+
+    cold = ls()
+    before = d.stats()
+    assert ls() == cold
+    after = d.stats()
+    asked = delta(after["requests"], before["requests"], "GETXATTR")["GETXATTR"]
+    assert asked >= 20  # one per entry: the kernel does not cache these
+    # every file's from the cache (not the directory's: one lower layer, in a writable union
+    # it is copied up by a change below it, so it is not immutable)
+    assert after["cached_replies"] - before["cached_replies"] == 20
+
+    assert os.getxattr(f, "user.color") == b"blue" and os.getxattr(f, "user.color") == b"blue"
+    os.setxattr(f, "user.color", b"red")
+    assert os.getxattr(f, "user.color") == b"red" and os.getxattr(f, "user.color") == b"red"
+    os.removexattr(f, "user.color")
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "user.color")
+    assert e.value.errno == errno.ENODATA
+    g = d.mountpoint / "d" / "f01"
+    os.chmod(g, 0o600)
+    assert stat.S_IMODE(g.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "upper0" / "d" / "f01").stat().st_mode) == 0o600
+    assert os.getxattr(lower / "d" / "f00", "user.color") == b"blue"  # the lower is untouched
+    assert d.stats()["unexpected_errors"] == 0
