@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
+from layerfs import failpoint
 from layerfs.digest import Digest
 from layerfs.errors import DigestMismatch, InvalidImage, LayerfsError, NotFound, RegistryError, Unauthorized
 from layerfs.image.oci import (
@@ -336,20 +337,29 @@ def _open_locked(dl: _Download) -> BinaryIO | None:
         out.close()  # renamed into blobs/ by the pull that held the lock: look again
 
 
-def _resume_state(dl: _Download) -> tuple[Any, int]:
-    """The sha256 state and length of what an earlier pull left of ``dl``'s blob."""
+def _resume_state(dl: _Download, out: BinaryIO) -> tuple[Any, int] | None:
+    """The sha256 state and length of what an earlier pull left of ``dl``'s blob (``out``:
+    the partial file, locked). None when a concurrent pull placed the complete blob into
+    the store meanwhile (it renames the partial file without the lock, once its download
+    ended and its image verified): everything is then read through file descriptors."""
     h = hashlib.sha256()
     have = 0
-    if not os.path.exists(dl.path):
-        return h, 0
-    with open(dl.path, "rb") as f:
+    try:
+        f = open(dl.path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return None if os.path.exists(dl.final) else (h, 0)
+    with f:
+        failpoint.hit("pull.resume-opened")  # (tests: the concurrent pull's rename here)
+        if os.fstat(f.fileno()).st_ino != os.fstat(out.fileno()).st_ino:
+            return None if os.path.exists(dl.final) else (h, 0)  # renamed, then a new partial
+        size = os.fstat(f.fileno()).st_size
         while chunk := f.read(CHUNK):
             if have + len(chunk) > dl.size:
                 break
             h.update(chunk)
             have += len(chunk)
-    if os.path.getsize(dl.path) != have:  # longer than the blob: start again
-        os.truncate(dl.path, 0)
+    if size != have:  # longer than the blob: start again
+        os.ftruncate(out.fileno(), 0)
         return hashlib.sha256(), 0
     return h, have
 
@@ -392,10 +402,16 @@ async def _download(reg: Registry, repo: str, dl: _Download, progress: Progress)
         return
     out = opened
     try:
-        h, have = await trio.to_thread.run_sync(_resume_state, dl)
+        state = await trio.to_thread.run_sync(_resume_state, dl, out)
     except BaseException:
         out.close()
         raise
+    if state is None:  # the whole blob was there, and a concurrent pull stored it meanwhile
+        out.close()
+        progress.line(f"Blob {dl.digest.short()} stored meanwhile by another pull")
+        dl.advance(dl.size)
+        return
+    h, have = state
     if have:
         progress.line(f"Resuming blob {dl.digest.short()} at {have} of {dl.size} bytes")
     dl.advance(have)
