@@ -350,9 +350,10 @@ def _resume_state(dl: _Download, out: BinaryIO) -> tuple[Any, int] | None:
         return None if os.path.exists(dl.final) else (h, 0)
     with f:
         failpoint.hit("pull.resume-opened")  # (tests: the concurrent pull's rename here)
-        if os.fstat(f.fileno()).st_ino != os.fstat(out.fileno()).st_ino:
+        st = os.fstat(f.fileno())
+        if st.st_ino != os.fstat(out.fileno()).st_ino:
             return None if os.path.exists(dl.final) else (h, 0)  # renamed, then a new partial
-        size = os.fstat(f.fileno()).st_size
+        size = st.st_size
         while chunk := f.read(CHUNK):
             if have + len(chunk) > dl.size:
                 break
